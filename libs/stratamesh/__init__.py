@@ -1,0 +1,1 @@
+"""stratamesh: an event-driven AI inference mesh."""

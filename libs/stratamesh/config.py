@@ -1,0 +1,92 @@
+"""Settings: one typed tree read from the environment (prefix ``STRATA_``, nested with ``__``).
+
+Examples: ``STRATA_BOOTSTRAP_SERVERS=kafka:9092``, ``STRATA_REDIS_URL=redis://127.0.0.1:6379/0``,
+``STRATA_CONSUMER__FETCH_MAX_WAIT_MS=50``, ``STRATA_SECURITY__ALLOW_UNSIGNED_INGRESS=true``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ConsumerSettings",
+    "ProducerSettings",
+    "RetrySettings",
+    "SecuritySettings",
+    "Settings",
+]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".stratamesh"
+
+
+class ConsumerSettings(BaseModel):
+    # Tansu does not wake a parked fetch when data arrives: a long wait is pure latency.
+    fetch_max_wait_ms: int = 50
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_records: int = 500
+    max_partition_fetch_bytes: int = 16 * 1024 * 1024
+    # Records buffered per partition before that partition's fetching is paused.
+    partition_buffer: int = 1_000
+    commit_interval_ms: int = 200
+    # How long a revoked or stopping partition may finish its in-flight record.
+    drain_timeout_s: float = 5.0
+
+
+class ProducerSettings(BaseModel):
+    linger_ms: int = 2
+    max_request_size: int = 16 * 1024 * 1024
+    request_timeout_ms: int = 30_000
+
+
+class RetrySettings(BaseModel):
+    attempts: int = Field(3, ge=1, description="attempts per record, the first included")
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+    # Retry budget: retries may add at most this fraction on top of first attempts ...
+    budget_ratio: float = 0.2
+    # ... but a service may always retry this many times per second.
+    budget_min_per_s: float = 10.0
+
+
+class SecuritySettings(BaseModel):
+    keys_dir: Path | None = Field(
+        None, description="folder of *.key / *.pub files and clients.json (default HOME/keys)"
+    )
+    # Base64 private key of this process's identity; overrides keys_dir/<identity>.key.
+    private_key: str | None = None
+    allow_unsigned_ingress: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STRATA_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(default_factory=_default_home, description="local state (keys, stores)")
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers; unset = the embedded Tansu broker"
+    )
+    client_id: str = "stratamesh"
+    schema_registry_url: str | None = None
+    redis_url: str | None = None
+    database_url: str | None = None
+    qdrant_url: str | None = None
+    topic_partitions: int | None = Field(None, description="override every topic's partitions")
+    idempotency_ttl_s: int = 7 * 24 * 3600
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+    log_level: str = "INFO"
+    log_json: bool = True
+    consumer: ConsumerSettings = ConsumerSettings()
+    producer: ProducerSettings = ProducerSettings()
+    retry: RetrySettings = RetrySettings()
+    security: SecuritySettings = SecuritySettings()
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.security.keys_dir or self.home / "keys"

@@ -1,0 +1,1 @@
+"""Avro schemas of every event (the wire contract); loaded by `stratamesh.events`."""

@@ -1,0 +1,1 @@
+"""Service packages: one folder per service; installed as `stratamesh.services.<name>`."""
