@@ -31,7 +31,7 @@ class OutRecord:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     partition: int | None = None
     sign: bool = True
@@ -129,7 +129,7 @@ class MeshProducer:
             return
         if self.signer is None:
             raise BrokerError("this producer has no signing key; every event must be signed")
-        leaves = [leaf_hash(r.key, r.value, H.header_dict(r.headers)) for r in to_sign]
+        leaves = [leaf_hash(r.key, r.value or b"", H.header_dict(r.headers)) for r in to_sign]
         for record, sig in zip(to_sign, sign_batch(self.signer, leaves), strict=True):
             record.headers.append((H.SIGNATURE, sig))
 

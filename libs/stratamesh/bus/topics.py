@@ -6,6 +6,22 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 __all__ = [
+    "DOCS_SUBMITTED",
+    "DOCS_CHUNKED",
+    "DOCS_EMBEDDED",
+    "DOCS_INDEXED",
+    "DOCS_REJECTED",
+    "REQUESTS_SUBMITTED",
+    "REQUESTS_ADMITTED",
+    "REQUESTS_ROUTED",
+    "REQUESTS_EMBEDDED",
+    "REQUESTS_RETRIEVED",
+    "INFERENCE_COMPLETED",
+    "REQUESTS_DECIDED",
+    "REQUESTS_JUDGED",
+    "RESULTS",
+    "REVIEWS_PENDING",
+    "REVIEWS_DECIDED",
     "ALL_TOPICS",
     "CLIENT_PRODUCER",
     "DLQ_SUFFIX",
@@ -19,6 +35,24 @@ __all__ = [
     "shadow_of",
     "topic",
 ]
+
+# Topic names (DESIGN.md §3).
+DOCS_SUBMITTED: Final = "docs.submitted"
+DOCS_CHUNKED: Final = "docs.chunked"
+DOCS_EMBEDDED: Final = "docs.embedded"
+DOCS_INDEXED: Final = "docs.indexed"
+DOCS_REJECTED: Final = "docs.rejected"
+REQUESTS_SUBMITTED: Final = "requests.submitted"
+REQUESTS_ADMITTED: Final = "requests.admitted"
+REQUESTS_ROUTED: Final = "requests.routed"
+REQUESTS_EMBEDDED: Final = "requests.embedded"
+REQUESTS_RETRIEVED: Final = "requests.retrieved"
+INFERENCE_COMPLETED: Final = "inference.completed"
+REQUESTS_DECIDED: Final = "requests.decided"
+REQUESTS_JUDGED: Final = "requests.judged"
+RESULTS: Final = "results"
+REVIEWS_PENDING: Final = "reviews.pending"
+REVIEWS_DECIDED: Final = "reviews.decided"
 
 DLQ_SUFFIX: Final = ".dlq"
 SHADOW_PREFIX: Final = "shadow."
@@ -95,38 +129,38 @@ def _t(name: str, event: str, plane: Literal["knowledge", "request"], producers:
 
 TOPICS: Final[tuple[TopicSpec, ...]] = (
     # Knowledge plane.  Documents are the source of truth for re-indexing by replay: keep longer.
-    _t("docs.submitted", "DocumentSubmitted", "knowledge", "client console", "ingest audit",
+    _t(DOCS_SUBMITTED, "DocumentSubmitted", "knowledge", "client console", "ingest audit",
        "documents submitted by clients", 30),
-    _t("docs.chunked", "DocumentChunked", "knowledge", "ingest", "embed audit",
+    _t(DOCS_CHUNKED, "DocumentChunked", "knowledge", "ingest", "embed audit",
        "chunks of one document version", 30),
-    _t("docs.embedded", "ChunksEmbedded", "knowledge", "embed", "index audit",
+    _t(DOCS_EMBEDDED, "ChunksEmbedded", "knowledge", "embed", "index audit",
        "dense and sparse vectors of chunks"),
-    _t("docs.indexed", "ChunksIndexed", "knowledge", "index", "audit console",
+    _t(DOCS_INDEXED, "ChunksIndexed", "knowledge", "index", "audit console",
        "chunks that became searchable"),
-    _t("docs.rejected", "DocumentRejected", "knowledge", "ingest", "audit console",
+    _t(DOCS_REJECTED, "DocumentRejected", "knowledge", "ingest", "audit console",
        "documents refused, with reason, field and hint"),
     # Request plane.
-    _t("requests.submitted", "InferenceRequested", "request", "client console", "guard audit",
+    _t(REQUESTS_SUBMITTED, "InferenceRequested", "request", "client console", "guard audit",
        "questions from producers"),
-    _t("requests.admitted", "RequestAdmitted", "request", "guard", "route audit",
+    _t(REQUESTS_ADMITTED, "RequestAdmitted", "request", "guard", "route audit",
        "pseudonymised requests that passed the input guard"),
-    _t("requests.routed", "RequestRouted", "request", "route", "embed infer audit",
+    _t(REQUESTS_ROUTED, "RequestRouted", "request", "route", "embed infer audit",
        "requests with their routing slip"),
-    _t("requests.embedded", "QueryEmbedded", "request", "embed", "index audit",
+    _t(REQUESTS_EMBEDDED, "QueryEmbedded", "request", "embed", "index audit",
        "query vectors"),
-    _t("requests.retrieved", "ContextRetrieved", "request", "index", "infer audit",
+    _t(REQUESTS_RETRIEVED, "ContextRetrieved", "request", "index", "infer audit",
        "ranked chunks with citations"),
-    _t("inference.completed", "CandidateAnswer", "request", "infer", "consensus guard audit",
+    _t(INFERENCE_COMPLETED, "CandidateAnswer", "request", "infer", "consensus guard audit",
        "one signed candidate answer per replica"),
-    _t("requests.decided", "AnswerDecided", "request", "consensus", "judge guard audit",
+    _t(REQUESTS_DECIDED, "AnswerDecided", "request", "consensus", "judge guard audit",
        "decided answers with quorum certificates"),
-    _t("requests.judged", "AnswerJudged", "request", "judge", "guard infer audit",
+    _t(REQUESTS_JUDGED, "AnswerJudged", "request", "judge", "guard infer audit",
        "judge scores, or a critique for one bounded revision"),
-    _t("results", "RequestCompleted", "request", "guard route console", "audit console",
+    _t(RESULTS, "RequestCompleted", "request", "guard route console", "audit console",
        "final results for UIs", 30),
-    _t("reviews.pending", "HumanReviewRequested", "request", "guard consensus", "console audit",
+    _t(REVIEWS_PENDING, "HumanReviewRequested", "request", "guard consensus", "console audit",
        "escalations awaiting a human", 30),
-    _t("reviews.decided", "HumanReviewDecided", "request", "console", "guard audit",
+    _t(REVIEWS_DECIDED, "HumanReviewDecided", "request", "console", "guard audit",
        "human review decisions", 30),
 )
 

@@ -1,0 +1,390 @@
+"""The consumer middleware every service runs: the path of one record, transport aside.
+
+    record ─► next-stage filter ─► signature + producer check ─► decode ─► idempotency
+           ─► deadline ─► handler (transient errors retried with backoff, inside a budget)
+           ─► outputs, or one DLQ record with the original key/value bytes and headers
+
+The middleware decides; it does not send.  The runtime (:mod:`stratamesh.bus.runtime` over
+Kafka, :mod:`stratamesh.bus.testing` in memory) sends the outputs, waits for the broker's
+acks, marks the event handled and only then commits the offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import structlog
+
+from stratamesh.bus import headers as H
+from stratamesh.bus.codec import Codec
+from stratamesh.bus.envelope import Envelope, now_ms
+from stratamesh.bus.producer import OutRecord
+from stratamesh.bus.publish import event_record, topic_of_event
+from stratamesh.bus.topics import CLIENT_PRODUCER, TopicSpec, dlq_of, topic
+from stratamesh.errors import (
+    DeadlineExceeded,
+    DecodeError,
+    FailureClass,
+    Poison,
+    SecurityError,
+    SignatureError,
+    UnauthorizedProducer,
+    classify,
+)
+from stratamesh.events import Event, derived_event_id
+from stratamesh.obs.logging import bind_record
+from stratamesh.obs.metrics import BusMetrics
+from stratamesh.obs.tracing import TraceContext
+from stratamesh.resilience.retry import Backoff, RetryBudget
+from stratamesh.security.keys import Keyring
+from stratamesh.security.signing import SignatureCache, leaf_hash, verify_record
+from stratamesh.stores.idempotency import IdempotencyStore
+
+__all__ = [
+    "Context",
+    "DeadLettered",
+    "Handled",
+    "Handler",
+    "InRecord",
+    "Outcome",
+    "Pipeline",
+    "Prepared",
+    "Skipped",
+    "Subscription",
+]
+
+log = structlog.get_logger("stratamesh.bus")
+
+_STACK_LIMIT = 8 * 1024
+_MESSAGE_LIMIT = 1024
+
+
+class InRecord(Protocol):
+    """The parts of a consumed record the middleware reads (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class Context:
+    """What a handler knows about the record it handles, and how it publishes."""
+
+    def __init__(self, pipeline: Pipeline, record: InRecord, envelope: Envelope,
+                 attempt: int) -> None:
+        self._pipeline = pipeline
+        self.record = record
+        self.envelope = envelope
+        self.attempt = attempt
+        self.outputs: list[OutRecord] = []
+        self.log = log
+
+    @property
+    def service(self) -> str:
+        return self._pipeline.service
+
+    @property
+    def tenant(self) -> str:
+        """The authenticated tenant: use it, never a tenant field of a payload."""
+        return self.envelope.tenant or ""
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.event_id or ""
+
+    @property
+    def is_replay(self) -> bool:
+        return self.envelope.replay is not None
+
+    def derive_id(self, index: int = 0) -> str:
+        """The id of this handler's ``index``-th output: the same on every redelivery."""
+        return derived_event_id(self.event_id, self._pipeline.service, index)
+
+    def publish(self, event: Event, *, topic_name: str | None = None,
+                next_stage: str | None = None, deadline_ms: int | None = None) -> None:
+        """Queue ``event`` for sending once the handler returns successfully.
+
+        The topic defaults to the registry topic of the event's type (in this service's
+        namespace).  Trace, deadline, replay and unsigned-ingress marks are carried over.
+        """
+        p = self._pipeline
+        name = topic_name or p.topic_for(event)
+        env = self.envelope
+        if env.unsigned_ingress and getattr(event, "unsigned_ingress", True) is False:
+            event = event.model_copy(update={"unsigned_ingress": True})
+        trace = (env.trace or TraceContext.new()).child()
+        deadline = deadline_ms if deadline_ms is not None else env.deadline_ms
+        self.outputs.append(p.event_record(event, name, next_stage=next_stage, trace=trace,
+                                           deadline_ms=deadline, replay=env.replay,
+                                           unsigned_ingress=env.unsigned_ingress))
+
+
+Handler = Callable[[Any, Context], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    topic: str
+    handler: Handler
+    stage: str | None = None
+
+
+@dataclass(slots=True)
+class Handled:
+    event_id: str
+    outputs: list[OutRecord]
+
+
+@dataclass(slots=True)
+class Skipped:
+    reason: str  # "not-this-stage" | "duplicate"
+
+
+@dataclass(slots=True)
+class DeadLettered:
+    failure: FailureClass
+    record: OutRecord
+    error: str
+
+
+Outcome = Handled | Skipped | DeadLettered
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A record that passed authentication and decoding, waiting for its handler."""
+
+    record: InRecord
+    envelope: Envelope
+    event: Event
+
+
+@dataclass(slots=True)
+class Decided:
+    """A record whose outcome is known without running a handler."""
+
+    record: InRecord
+    outcome: Outcome
+
+
+Prepared = Admitted | Decided
+
+
+@dataclass
+class Pipeline:
+    """The middleware of one service (one consumer group)."""
+
+    service: str          # identity, e.g. "guard" or "infer.r1"
+    group: str            # consumer group = idempotency scope
+    subscriptions: dict[str, Subscription]
+    keyring: Keyring
+    codec: Codec
+    idempotency: IdempotencyStore
+    metrics: BusMetrics
+    attempts: int = 3
+    backoff: Backoff = field(default_factory=Backoff)
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    allow_unsigned_ingress: bool = False
+    namespace: str = ""   # "" live, "shadow." for a shadow pipeline
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    _sig_cache: SignatureCache = field(default_factory=SignatureCache)
+    _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    # -- publishing helpers -------------------------------------------------------------
+
+    def topic_for(self, event: Event) -> str:
+        return self.namespace + topic_of_event(event.EVENT_TYPE)
+
+    def event_record(self, event: Event, topic_name: str, **kw: Any) -> OutRecord:
+        return event_record(self.codec, self.service, event, topic_name, **kw)
+
+    # -- the record path ----------------------------------------------------------------
+
+    async def prepare(self, records: Sequence[InRecord]) -> list[Prepared]:
+        """Authenticate and decode a batch, and look its event ids up in one round trip."""
+        items: list[Prepared] = [self._admit(r) for r in records]
+        ids = [i.envelope.event_id or "" for i in items if isinstance(i, Admitted)]
+        if not ids:
+            return items
+        seen = await self.idempotency.seen(self.group, ids)
+        out: list[Prepared] = []
+        for i in items:
+            if isinstance(i, Admitted) and (i.envelope.event_id in seen
+                                            or i.envelope.event_id in self._recent):
+                self.metrics.duplicates.labels(self.service, i.record.topic).inc()
+                out.append(Decided(i.record, Skipped("duplicate")))
+            else:
+                out.append(i)
+        return out
+
+    async def run(self, item: Prepared) -> Outcome:
+        """The outcome of one prepared record (runs its handler, with retries)."""
+        if isinstance(item, Decided):
+            return item.outcome
+        if item.envelope.event_id in self._recent:  # a copy earlier in the same batch
+            self.metrics.duplicates.labels(self.service, item.record.topic).inc()
+            return Skipped("duplicate")
+        outcome = await self._handle(item)
+        if isinstance(outcome, Handled):
+            self._remember(outcome.event_id)
+        return outcome
+
+    async def process(self, records: Sequence[InRecord]) -> list[tuple[InRecord, Outcome]]:
+        """Prepare and run a batch in order (the in-memory harness and tests use this)."""
+        return [(item.record, await self.run(item)) for item in await self.prepare(records)]
+
+    def _remember(self, event_id: str) -> None:
+        self._recent[event_id] = None
+        if len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
+
+    def _admit(self, record: InRecord) -> Admitted | Decided:
+        self.metrics.consumed.labels(self.service, record.topic).inc()
+        headers = H.header_dict(record.headers)
+        sub = self.subscriptions.get(record.topic)
+        next_stage = headers.get(H.NEXT)
+        # A header check, no decoding: one topic feeds whichever stage the slip names next.
+        if sub is not None and sub.stage and next_stage is not None \
+                and next_stage.decode("utf-8", "replace") != sub.stage:
+            return Decided(record, Skipped("not-this-stage"))
+        try:
+            spec = topic(record.topic)
+            envelope = self._authenticate(record, headers, spec)
+            event = self._decode(record, envelope, spec)
+        except SecurityError as exc:
+            return Decided(record, self.dead_letter(record, exc, FailureClass.SECURITY, 1))
+        except (DecodeError, Poison, KeyError) as exc:
+            return Decided(record, self.dead_letter(record, exc, FailureClass.POISON, 1))
+        return Admitted(record, envelope, event)
+
+    def _authenticate(self, record: InRecord, headers: dict[str, bytes],
+                      spec: TopicSpec) -> Envelope:
+        env = Envelope.parse(headers)
+        producer = env.producer
+        signature = headers.get(H.SIGNATURE)
+        ingress = CLIENT_PRODUCER in spec.producers
+        if signature is None and ingress and self.allow_unsigned_ingress:
+            # Development only: accepted, and marked on every event derived from it.
+            return replace(env, unsigned_ingress=True, producer=producer or "anonymous")
+        if not producer:
+            raise UnauthorizedProducer("record has no strata-producer header")
+        if not spec.allows(producer):
+            raise UnauthorizedProducer(f"{producer!r} may not produce to {spec.name}")
+        if env.unsigned_ingress and not self.allow_unsigned_ingress:
+            raise UnauthorizedProducer("derived from unsigned ingress, which is disabled here")
+        leaf = leaf_hash(record.key, record.value or b"", headers)
+        verify_record(self.keyring, producer, leaf, signature, self._sig_cache)
+        client = self.keyring.client(producer)
+        if client is not None:
+            return replace(env, tenant=client.tenant, client=client.name)
+        return env
+
+    def _decode(self, record: InRecord, env: Envelope, spec: TopicSpec) -> Event:
+        if env.event_type != spec.event_type:
+            raise DecodeError(f"{spec.name} carries {spec.event_type}, "
+                              f"header says {env.event_type!r}")
+        event = self.codec.decode(record.value or b"")
+        if event.EVENT_TYPE != spec.event_type:
+            raise DecodeError(f"{spec.name} carries {spec.event_type}, got {event.EVENT_TYPE}")
+        if event.event_id != env.event_id:
+            raise SignatureError("strata-event-id header does not match the payload")
+        if env.client is not None or env.unsigned_ingress:
+            if env.tenant and event.tenant != env.tenant:
+                # The key decides the tenant of ingress, whatever the payload claims.
+                event = event.model_copy(update={"tenant": env.tenant})
+            elif not env.tenant:
+                return event  # unsigned ingress without a tenant header: payload's tenant
+        elif event.tenant != env.tenant:
+            raise SignatureError("strata-tenant header does not match the payload")
+        return event
+
+    async def _handle(self, item: Admitted) -> Outcome:
+        record, env, event = item.record, item.envelope, item.event
+        sub = self.subscriptions[record.topic]
+        if env.unsigned_ingress and not env.tenant:
+            env = replace(env, tenant=event.tenant)
+        bind_record(event_type=env.event_type, event_id=env.event_id,
+                    request_id=env.request_id, doc_id=env.doc_id,
+                    trace_id=env.trace.trace_id if env.trace else None, tenant=env.tenant,
+                    topic=record.topic)
+        self.budget.deposit()
+        attempt = 1
+        while True:
+            if env.expired():
+                exc = DeadlineExceeded(f"deadline {env.deadline_ms} passed")
+                return self.dead_letter(record, exc, FailureClass.DEADLINE, attempt)
+            ctx = Context(self, record, env, attempt)
+            started = time.perf_counter()
+            try:
+                await sub.handler(event, ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                verdict = classify(exc)
+                if not verdict.retryable:
+                    return self.dead_letter(record, exc, verdict.failure, attempt)
+                if attempt >= self.attempts:
+                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt)
+                if not self.budget.try_withdraw():
+                    self.metrics.retry_budget_exhausted.labels(self.service).inc()
+                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt)
+                delay = verdict.retry_after if verdict.retry_after is not None \
+                    else self.backoff.delay(attempt)
+                if env.deadline_ms is not None and now_ms() + delay * 1000 > env.deadline_ms:
+                    return self.dead_letter(record, exc, FailureClass.DEADLINE, attempt)
+                log.warning("handler failed, retrying", error=type(exc).__name__,
+                            attempt=attempt, delay_s=round(delay, 3))
+                self.metrics.retries.labels(self.service, record.topic).inc()
+                attempt += 1
+                await self.sleep(delay)
+                continue
+            finally:
+                self.metrics.handler_seconds.labels(self.service, record.topic).observe(
+                    time.perf_counter() - started)
+            self.metrics.handled.labels(self.service, record.topic, "ok").inc()
+            return Handled(env.event_id or "", ctx.outputs)
+
+    def dead_letter(self, record: InRecord, exc: BaseException, failure: FailureClass,
+                    attempt: int) -> DeadLettered:
+        """The DLQ twin of ``record``: same key and value bytes, original headers + DLT headers."""
+        kept = [(k, v) for k, v in record.headers
+                if not k.startswith(H.DLT_PREFIX) and k != H.ATTEMPT]
+        stack = "".join(traceback.format_exception(exc))[-_STACK_LIMIT:]
+        message = str(exc)[:_MESSAGE_LIMIT]
+        kept += [
+            (H.DLT_ORIGINAL_TOPIC, record.topic.encode()),
+            (H.DLT_ORIGINAL_PARTITION, str(record.partition).encode()),
+            (H.DLT_ORIGINAL_OFFSET, str(record.offset).encode()),
+            (H.DLT_ORIGINAL_TIMESTAMP, str(record.timestamp).encode()),
+            (H.DLT_ORIGINAL_CONSUMER_GROUP, self.group.encode()),
+            (H.DLT_EXCEPTION_FQCN,
+             f"{type(exc).__module__}.{type(exc).__qualname__}".encode()),
+            (H.DLT_EXCEPTION_MESSAGE, message.encode("utf-8", "replace")),
+            (H.DLT_EXCEPTION_STACKTRACE, stack.encode("utf-8", "replace")),
+            (H.DLT_FAILURE_CLASS, failure.value.encode()),
+            (H.DLT_SERVICE, self.service.encode()),
+            (H.ATTEMPT, str(attempt).encode()),
+        ]
+        self.metrics.dlq.labels(self.service, record.topic, failure.value).inc()
+        self.metrics.handled.labels(self.service, record.topic, f"dlq_{failure.value}").inc()
+        log.warning("record dead-lettered", failure_class=failure.value,
+                    error=type(exc).__name__, offset=record.offset, partition=record.partition)
+        out = OutRecord(dlq_of(record.topic), record.key, record.value, kept, sign=False)
+        return DeadLettered(failure, out, message)

@@ -1,0 +1,118 @@
+"""A stratamesh service: a name, its subscriptions, and the machinery that runs them.
+
+Every service has the same shape (``services/<name>/app.py``)::
+
+    service = Service("ingest")
+
+    @service.subscribe(topics.DOCS_SUBMITTED)
+    async def on_submitted(event: DocumentSubmitted, ctx: Context) -> None:
+        ctx.publish(DocumentChunked(event_id=ctx.derive_id(), ...))
+
+``await service.start(settings)`` joins the consumer group ``service.group`` and runs every
+record through the one middleware (:mod:`stratamesh.bus.middleware`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+
+from stratamesh.bus.codec import Codec
+from stratamesh.bus.middleware import Handler, Pipeline, Subscription
+from stratamesh.bus.producer import MeshProducer
+from stratamesh.bus.runtime import KafkaRuntime
+from stratamesh.bus.topics import SHADOW_PREFIX, topic
+from stratamesh.config import Settings
+from stratamesh.errors import ConfigError
+from stratamesh.obs.metrics import bus_metrics
+from stratamesh.resilience.retry import Backoff, RetryBudget
+from stratamesh.security.keys import Keyring, SigningKey, load_signing_key
+from stratamesh.stores.idempotency import IdempotencyStore, open_idempotency
+
+__all__ = ["Service"]
+
+log = structlog.get_logger("stratamesh.bus")
+
+H_ = TypeVar("H_", bound=Handler)
+
+
+class Service:
+    def __init__(self, name: str, *, identity: str | None = None, group: str | None = None,
+                 shadow: bool = False) -> None:
+        self.name = name
+        self.identity = identity or name
+        self.namespace = SHADOW_PREFIX if shadow else ""
+        self.group = group or f"{self.namespace}{self.identity}"
+        self.subscriptions: dict[str, Subscription] = {}
+        self.pipeline: Pipeline | None = None
+        self.runtime: KafkaRuntime | None = None
+        self.producer: MeshProducer | None = None
+
+    def subscribe(self, topic_name: str, *, stage: str | None = None) -> Callable[[H_], H_]:
+        """Register the handler of ``topic_name``; with ``stage``, only records whose
+        ``strata-next`` header names that stage (or that carry none) reach it."""
+        topic(topic_name)  # fail fast on a typo
+
+        def register(handler: H_) -> H_:
+            name = self.namespace + topic_name
+            if name in self.subscriptions:
+                raise ConfigError(f"{self.name} subscribes to {name} twice")
+            self.subscriptions[name] = Subscription(name, handler, stage)
+            return handler
+
+        return register
+
+    @property
+    def topics(self) -> list[str]:
+        return sorted(self.subscriptions)
+
+    def build_pipeline(self, settings: Settings, *, keyring: Keyring | None = None,
+                       idempotency: IdempotencyStore | None = None,
+                       codec: Codec | None = None) -> Pipeline:
+        return Pipeline(
+            service=self.identity,
+            group=self.group,
+            subscriptions=dict(self.subscriptions),
+            keyring=keyring or Keyring.load(settings.keys_dir),
+            codec=codec or Codec.from_settings(settings),
+            idempotency=idempotency or open_idempotency(settings, self.group),
+            metrics=bus_metrics(),
+            attempts=settings.retry.attempts,
+            backoff=Backoff.from_settings(settings.retry),
+            budget=RetryBudget.from_settings(settings.retry),
+            allow_unsigned_ingress=settings.security.allow_unsigned_ingress,
+            namespace=self.namespace,
+        )
+
+    async def start(self, settings: Settings, *, keyring: Keyring | None = None,
+                    signing_key: SigningKey | None = None,
+                    idempotency: IdempotencyStore | None = None) -> None:
+        if not self.subscriptions:
+            raise ConfigError(f"service {self.name} has no subscriptions")
+        key = signing_key or load_signing_key(settings, self.identity)
+        self.pipeline = self.build_pipeline(settings, keyring=keyring, idempotency=idempotency)
+        self.producer = MeshProducer(settings, key, service=self.identity)
+        await self.producer.start()
+        self.runtime = KafkaRuntime(settings, self.pipeline, self.producer, self.topics)
+        try:
+            await self.runtime.start()
+        except BaseException:
+            await self.producer.stop()
+            raise
+        log.info("service started", service=self.identity, group=self.group, topics=self.topics)
+
+    async def wait(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.wait()
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.pipeline is not None:
+            await self.pipeline.idempotency.close()
+        self.runtime = self.producer = self.pipeline = None
+        log.info("service stopped", service=self.identity)

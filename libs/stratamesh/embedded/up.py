@@ -1,0 +1,126 @@
+"""`strata up`: the broker (embedded unless one is given), the topics, and every service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from stratamesh.bus.admin import ensure_topics
+from stratamesh.bus.service import Service
+from stratamesh.config import Settings
+from stratamesh.embedded.broker import EmbeddedBroker
+from stratamesh.embedded.registry import discover_services, load_service
+from stratamesh.errors import ConfigError
+from stratamesh.obs.metrics import serve_metrics
+from stratamesh.security.keys import CLIENTS_FILE, generate_identity, register_client
+
+__all__ = ["DEV_CLIENT", "DEV_TENANT", "Mesh", "bootstrap_file", "ensure_dev_keys"]
+
+log = structlog.get_logger("stratamesh.up")
+
+DEV_CLIENT = "local"
+DEV_TENANT = "local"
+
+
+def bootstrap_file(settings: Settings) -> Path:
+    """Where `strata up` writes the address of its broker for the other `strata` commands."""
+    return settings.home / "run" / "bootstrap"
+
+
+def ensure_dev_keys(settings: Settings, identities: list[str]) -> list[str]:
+    """Create missing service keys and the development client; returns what was created."""
+    created = []
+    for identity in identities:
+        if not (settings.keys_dir / f"{identity}.key").exists():
+            generate_identity(settings.keys_dir, identity)
+            created.append(identity)
+    clients = settings.keys_dir / CLIENTS_FILE
+    if not clients.exists() or f'"{DEV_CLIENT}"' not in clients.read_text():
+        register_client(settings.keys_dir, DEV_CLIENT, DEV_TENANT)
+        created.append(f"client:{DEV_CLIENT}")
+    return created
+
+
+@dataclass
+class Mesh:
+    """A running mesh: broker address, services, and the embedded broker if we own it."""
+
+    settings: Settings
+    services: list[Service] = field(default_factory=list)
+    broker: EmbeddedBroker | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings, *, bootstrap: str | None = None,
+                    only: list[str] | None = None, dev_keys: bool = True) -> Mesh:
+        bootstrap = bootstrap or settings.bootstrap_servers
+        broker = None
+        if bootstrap is None:
+            broker = EmbeddedBroker()
+            await asyncio.to_thread(broker.start)
+            bootstrap = broker.bootstrap
+        settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
+        mesh = cls(settings, broker=broker)
+        try:
+            await ensure_topics(settings)
+            names = only if only is not None else discover_services()
+            services = [load_service(n) for n in names]
+            if dev_keys:
+                created = ensure_dev_keys(settings, [s.identity for s in services])
+                if created:
+                    log.info("development keys created", identities=created,
+                             keys_dir=str(settings.keys_dir))
+            for svc in services:
+                await svc.start(settings)
+                mesh.services.append(svc)
+            path = bootstrap_file(settings)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(bootstrap + "\n")
+        except BaseException:
+            await mesh.stop()
+            raise
+        return mesh
+
+    async def stop(self) -> None:
+        for svc in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        self.services.clear()
+        path = bootstrap_file(self.settings)
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self.broker = None
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGINT/SIGTERM or a service fails; always stops cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waits = [asyncio.create_task(s.wait()) for s in self.services]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise ConfigError(f"a service stopped: {t.exception()!r}")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            stopper.cancel()
+            await self.stop()
+            for t in waits:
+                t.cancel()
+
+
+def start_metrics(settings: Settings) -> int | None:
+    if settings.metrics_port is None:
+        return None
+    serve_metrics(settings.metrics_port)
+    return settings.metrics_port
