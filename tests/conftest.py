@@ -13,9 +13,9 @@ from stratamesh.config import Settings
 from stratamesh.embedded import EmbeddedBroker
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def broker() -> Iterator[EmbeddedBroker]:
-    """One real Tansu broker for the whole session (memory storage, free loopback port)."""
+    """A fresh real Tansu broker per test (memory storage, free port; starts in ~30 ms)."""
     with EmbeddedBroker() as b:
         yield b
 
