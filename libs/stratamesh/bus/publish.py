@@ -37,6 +37,9 @@ def event_record(codec: Codec, producer: str, event: Event, topic_name: str, *,
     spec = topic(topic_name)
     if event.EVENT_TYPE != spec.event_type:
         raise EncodeError(f"{spec.name} carries {spec.event_type}, not {event.EVENT_TYPE}")
+    if getattr(event, "producer", producer) != producer:
+        # The payload names its producer too (for audit and replay); the envelope is the truth.
+        event = event.model_copy(update={"producer": producer})
     key = event.key.encode()
     hdrs: list[tuple[str, bytes]] = [
         (H.EVENT_TYPE, event.EVENT_TYPE.encode()),
