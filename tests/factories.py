@@ -8,7 +8,7 @@ import typing
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import AwareDatetime, BaseModel
 
 from stratamesh.events import Event, new_event_id
 
@@ -27,6 +27,8 @@ def _value(annotation: Any, name: str) -> Any:
         return []
     if origin is dict:
         return {}
+    if annotation is AwareDatetime or annotation is datetime:
+        return datetime.now(UTC).replace(microsecond=0)
     if isinstance(annotation, type):
         if issubclass(annotation, enum.Enum):
             return next(iter(annotation))
@@ -40,10 +42,10 @@ def _value(annotation: Any, name: str) -> Any:
             return 0.5
         if annotation is bytes:
             return b"\x00"
-        if annotation is datetime:
+        if issubclass(annotation, datetime):
             return datetime.now(UTC).replace(microsecond=0)
         if annotation is str:
-            return f"{name}-x"
+            return new_event_id() if name.endswith("event_id") else f"{name}-x"
     raise TypeError(f"cannot build a value for {name}: {annotation!r}")
 
 

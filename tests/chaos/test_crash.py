@@ -93,4 +93,17 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_no_effect(
     expected = {derived_event_id(ev.event_id, "route", 0) for ev in inputs}
     assert set(effects) == expected          # nothing lost
     assert len(effects) == N                 # no effect twice
-    print(f"killed after {killed_at} effects; {len(effects)} effects, all distinct")
+    physical = await _count(settings, T.REQUESTS_ROUTED)
+    assert physical >= N
+    print(f"killed after {killed_at} effects; {physical} output records on the topic "
+          f"({physical - N} re-sent after the crash); {len(effects)} effects, all distinct")
+
+
+async def _count(settings: Settings, topic_name: str) -> int:
+    from aiokafka import TopicPartition
+
+    from stratamesh.bus.offsets import offset_bounds
+
+    tps = [TopicPartition(topic_name, p) for p in range(3)]
+    bounds = await offset_bounds(settings, tps)
+    return sum(b.count for b in bounds.values())

@@ -66,7 +66,7 @@ class RetryBudget:
     def try_withdraw(self) -> bool:
         """Take a token for one retry; False when the budget is empty."""
         self._refill()
-        if self._tokens >= 1.0:
+        if self._tokens >= 1.0 - 1e-9:  # 5 × 0.2 must buy one retry despite rounding
             self._tokens -= 1.0
             return True
         return False
