@@ -163,6 +163,7 @@ async def test_group_members_and_activity(settings: Settings, unique: str) -> No
     await create_topic(settings, name, 2)
     assert not await group_is_active(settings, group)
     assert await group_members(settings, group) == []
+    assert group not in await list_groups(settings)  # asking did not create it
     async with member(settings, name, group) as consumer:
         members = await group_members(settings, group)
         assert len(members) == 1 and members[0].member_id
@@ -202,8 +203,8 @@ async def test_silent_broker_times_out_instead_of_hanging() -> None:
     server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        silent = Settings(bootstrap_servers=f"127.0.0.1:{port}",
-                          producer={"request_timeout_ms": 1000})  # type: ignore[arg-type]
+        silent = Settings(bootstrap_servers=f"127.0.0.1:{port}")
+        silent.producer.request_timeout_ms = 1000
         from stratamesh.bus.offsets import true_end_offsets
 
         for call in (list_topics(silent),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from stratamesh.bus import headers as H
+from stratamesh.bus import headers as hdr
 from stratamesh.bus.admin import committed_offsets, create_topic
 from stratamesh.bus.dlq import (
     DEFAULT_REDRIVE_GROUP,
@@ -27,15 +28,15 @@ Header = tuple[str, bytes]
 def original(i: int) -> list[Header]:
     """Headers as a signed envelope has them (opaque bytes, a repeated name, an empty value)."""
     return [
-        (H.EVENT_TYPE, b"InferenceRequested"),
-        (H.EVENT_ID, b"0190-%04d" % i),
-        (H.REQUEST_ID, b"req-%d" % i),
-        (H.TENANT, b"acme"),
-        (H.PRODUCER, b"client:web"),
-        (H.SIGNATURE, os.urandom(64)),
+        (hdr.EVENT_TYPE, b"InferenceRequested"),
+        (hdr.EVENT_ID, b"0190-%04d" % i),
+        (hdr.REQUEST_ID, b"req-%d" % i),
+        (hdr.TENANT, b"acme"),
+        (hdr.PRODUCER, b"client:web"),
+        (hdr.SIGNATURE, os.urandom(64)),
         ("x-repeated", b"1"),
         ("x-repeated", b"2"),
-        (H.TRACEPARENT, b""),
+        (hdr.TRACEPARENT, b""),
     ]
 
 
@@ -44,21 +45,21 @@ def dead_letter(orig: list[Header], *, topic: str | None, partition: bytes | Non
     """The middleware's layout, with one DLT header slipped into the middle for good measure."""
     dlt: list[Header] = []
     if topic is not None:
-        dlt.append((H.DLT_ORIGINAL_TOPIC, topic.encode()))
+        dlt.append((hdr.DLT_ORIGINAL_TOPIC, topic.encode()))
     if partition is not None:
-        dlt.append((H.DLT_ORIGINAL_PARTITION, partition))
+        dlt.append((hdr.DLT_ORIGINAL_PARTITION, partition))
     dlt += [
-        (H.DLT_ORIGINAL_OFFSET, b"41"),
-        (H.DLT_ORIGINAL_TIMESTAMP, b"1700000000000"),
-        (H.DLT_ORIGINAL_CONSUMER_GROUP, b"guard"),
-        (H.DLT_EXCEPTION_FQCN, b"stratamesh.errors.DecodeError"),
-        (H.DLT_EXCEPTION_MESSAGE, "bad bytes \u2013 really".encode()),
-        (H.DLT_EXCEPTION_STACKTRACE, b"Traceback ..."),
-        (H.DLT_FAILURE_CLASS, failure.encode()),
-        (H.DLT_SERVICE, b"guard"),
-        (H.ATTEMPT, str(attempt).encode()),
+        (hdr.DLT_ORIGINAL_OFFSET, b"41"),
+        (hdr.DLT_ORIGINAL_TIMESTAMP, b"1700000000000"),
+        (hdr.DLT_ORIGINAL_CONSUMER_GROUP, b"guard"),
+        (hdr.DLT_EXCEPTION_FQCN, b"stratamesh.errors.DecodeError"),
+        (hdr.DLT_EXCEPTION_MESSAGE, "bad bytes \u2013 really".encode()),
+        (hdr.DLT_EXCEPTION_STACKTRACE, b"Traceback ..."),
+        (hdr.DLT_FAILURE_CLASS, failure.encode()),
+        (hdr.DLT_SERVICE, b"guard"),
+        (hdr.ATTEMPT, str(attempt).encode()),
     ]
-    return [*orig[:3], (H.DLT_SERVICE, b"guard"), *orig[3:], *dlt]
+    return [*orig[:3], (hdr.DLT_SERVICE, b"guard"), *orig[3:], *dlt]
 
 
 @pytest.fixture
@@ -70,10 +71,10 @@ async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     await p.stop()
 
 
-async def read_topic(settings: Settings, topic: str, partitions: int) -> list[object]:
+async def read_topic(settings: Settings, topic: str, partitions: int) -> list[Any]:
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     ends = await true_end_offsets(settings, tps)
-    out: list[object] = []
+    out: list[Any] = []
     async with open_consumer(settings) as consumer:
         async for _, records in iter_records(consumer, {tp: (0, ends[tp]) for tp in tps}):
             out.extend(records)
@@ -140,11 +141,11 @@ async def test_list_read_and_redrive_byte_identical_once(settings: Settings, uni
 
     done = await redrive(settings, src)
     assert done.redriven == {src: 7} and done.total == 7 and done.already_redriven == 0
-    assert [s.reason for s in done.skipped] == [f"no {H.DLT_ORIGINAL_TOPIC} header"]
+    assert [s.reason for s in done.skipped] == [f"no {hdr.DLT_ORIGINAL_TOPIC} header"]
     assert done.committed == {0: 4, 1: 2, 2: 2}  # past the unroutable one too
     republished = await read_topic(settings, src, 3)
     assert len(republished) == 7
-    got = {r.value: r for r in republished}  # type: ignore[attr-defined]
+    got = {r.value: r for r in republished}
     for target_partition, key, value, orig, _ in sent:
         r = got[value]
         assert r.partition == target_partition
@@ -182,7 +183,7 @@ async def test_redrive_by_offset_is_remembered(settings: Settings, unique: str,
         await redrive(settings, dlq, [0], group=group)
     with pytest.raises(ConfigError, match="no record at offset"):
         await redrive(settings, dlq, [(0, 5)], group=group)
-    with pytest.raises(ConfigError, match="partitions 0..1"):
+    with pytest.raises(ConfigError, match=r"partitions 0\.\.1"):
         await redrive(settings, dlq, [(2, 0)], group=group)
     with pytest.raises(ConfigError, match="nothing to redrive"):
         await redrive(settings, dlq, all=False, group=group)
@@ -206,7 +207,7 @@ async def test_redrive_by_offset_is_remembered(settings: Settings, unique: str,
         assert ahead.warnings and "metadata" in ahead.warnings[0]
         assert rest.records == [(0, 2), (0, 3), (0, 4)]
     assert rest.committed == {0: 5}  # the empty partition 1 needs no commit
-    values = [r.value for r in await read_topic(settings, src, 2)]  # type: ignore[attr-defined]
+    values = [r.value for r in await read_topic(settings, src, 2)]
     assert sorted(set(values)) == [b"v0", b"v1", b"v2", b"v3", b"v4"]
     assert len(values) == (5 if kept else 6)
     # The default group was never touched.

@@ -9,12 +9,15 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
-from stratamesh.bus.admin import create_topic
+from stratamesh.bus.admin import create_topic, list_topics
 from stratamesh.bus.offsets import (
+    TopicNotFoundError,
+    commit_offsets,
     offset_bounds,
     offset_for_timestamp,
     offsets_for_timestamp,
     open_consumer,
+    topic_partitions,
     true_end_offsets,
 )
 from stratamesh.config import Settings
@@ -143,13 +146,20 @@ async def test_offset_for_timestamp_with_mild_disorder(settings: Settings, uniqu
 
 async def test_offsets_for_missing_topic_raise_instead_of_creating_it(
         settings: Settings, unique: str) -> None:
-    from stratamesh.bus.admin import list_topics
-    from stratamesh.bus.offsets import TopicNotFoundError, topic_partitions
-
+    missing = TopicPartition(f"missing-{unique}", 0)
     async with open_consumer(settings) as consumer:
         with pytest.raises(TopicNotFoundError, match="does not exist"):
-            await topic_partitions(consumer, f"missing-{unique}")
-    assert f"missing-{unique}" not in await list_topics(settings)
+            await topic_partitions(consumer, missing.topic)
+    with pytest.raises(TopicNotFoundError, match="does not exist"):
+        await true_end_offsets(settings, [missing])
+    with pytest.raises(TopicNotFoundError, match="does not exist"):
+        await offset_for_timestamp(settings, missing, BASE_TS)
+    with pytest.raises(TopicNotFoundError, match="does not exist"):
+        await commit_offsets(settings, f"g-{unique}", {missing: 0})
+    assert missing.topic not in await list_topics(settings)
+    await create_topic(settings, missing.topic, 2)
+    with pytest.raises(TopicNotFoundError, match="no partition 5"):
+        await true_end_offsets(settings, [TopicPartition(missing.topic, 5)])
 
 
 

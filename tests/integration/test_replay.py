@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stratamesh.bus import headers as H
+from stratamesh.bus import headers as hdr
 from stratamesh.bus.admin import create_topic, group_is_active, group_offsets, list_topics
 from stratamesh.bus.offsets import commit_offsets, iter_records, open_consumer, true_end_offsets
 from stratamesh.bus.replay import (
@@ -44,10 +45,10 @@ async def produce_batch(producer: AIOKafkaProducer, topic: str, partition: int,
     await (await producer.send_batch(batch, topic, partition=partition))
 
 
-async def read_all(settings: Settings, topic: str, partitions: int) -> list[object]:
+async def read_all(settings: Settings, topic: str, partitions: int) -> list[Any]:
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     ends = await true_end_offsets(settings, tps)
-    out: list[object] = []
+    out: list[Any] = []
     async with open_consumer(settings) as consumer:
         async for _, records in iter_records(consumer, {tp: (0, ends[tp]) for tp in tps}):
             out.extend(records)
@@ -173,7 +174,7 @@ async def test_copy_range_into_shadow_is_byte_identical(settings: Settings, uniq
     await create_topic(settings, topic, 3)
     now = int(time.time() * 1000)
     signed = [("strata-event-id", b"e1"), ("strata-signature", bytes(range(64))),
-              ("dup", b"a"), ("dup", b"b"), (H.REPLAY, b"older-replay")]
+              ("dup", b"a"), ("dup", b"b"), (hdr.REPLAY, b"older-replay")]
     await produce_batch(producer, topic, 0, [now - 10_000 + i * 1000 for i in range(6)],
                         headers=signed)
     await produce_batch(producer, topic, 0, [now - 4_000 + i * 1000 for i in range(3)])
@@ -185,20 +186,20 @@ async def test_copy_range_into_shadow_is_byte_identical(settings: Settings, uniq
     assert result.copied == {0: 5, 1: 0, 2: 2} and result.total == 7
     assert (await list_topics(settings))[result.target] == 3
 
-    source = {(r.partition, r.offset): r for r in await read_all(settings, topic, 3)}  # type: ignore[attr-defined]
+    source = {(r.partition, r.offset): r for r in await read_all(settings, topic, 3)}
     copies = await read_all(settings, result.target, 3)
     assert len(copies) == 7
     expected = [(0, o) for o in range(2, 7)] + [(2, 2), (2, 3)]
-    by_partition: dict[int, list[object]] = {}
+    by_partition: dict[int, list[Any]] = {}
     for c in copies:
-        by_partition.setdefault(c.partition, []).append(c)  # type: ignore[attr-defined]
+        by_partition.setdefault(c.partition, []).append(c)
     pairs = [(p, o) for p, o in expected]
     for (p, o), copy in zip(pairs, [*by_partition[0], *by_partition[2]], strict=True):
         original = source[(p, o)]
-        assert copy.partition == original.partition == p  # type: ignore[attr-defined]
-        assert copy.key == original.key and copy.value == original.value  # type: ignore[attr-defined]
-        want = [h for h in original.headers if h[0] != H.REPLAY] + [(H.REPLAY, b"replay-1")]
-        assert list(copy.headers) == want  # type: ignore[attr-defined]
+        assert copy.partition == original.partition == p
+        assert copy.key == original.key and copy.value == original.value
+        want = [h for h in original.headers if h[0] != hdr.REPLAY] + [(hdr.REPLAY, b"replay-1")]
+        assert list(copy.headers) == want
 
     # By time: [now - 7.5 s, now - 2.5 s) on the source clock.
     frm = datetime.fromtimestamp((now - 7_500) / 1000, tz=UTC)
@@ -208,8 +209,8 @@ async def test_copy_range_into_shadow_is_byte_identical(settings: Settings, uniq
     # p0: records at -10..-5 s (offsets 0-5) then -4..-2 s (6-8): [-7.5 s, -2.5 s) = 3..7
     assert by_time.ranges == {0: (3, 8), 1: (0, 0), 2: (3, 4)}
     assert by_time.total == 6
-    ids = {h for r in await read_all(settings, f"audit-{unique}", 3)  # type: ignore[attr-defined]
-           for k, h in r.headers if k == H.REPLAY}
+    ids = {h for r in await read_all(settings, f"audit-{unique}", 3)
+           for k, h in r.headers if k == hdr.REPLAY}
     assert ids == {by_time.replay_id.encode()}
 
     with pytest.raises(ConfigError, match="already a shadow"):
