@@ -40,6 +40,8 @@ class ConsumerSettings(BaseModel):
 
 class ProducerSettings(BaseModel):
     linger_ms: int = 2
+    # Larger than aiokafka's 16 KiB default: signed records carry ~0.5 KiB of headers.
+    max_batch_size: int = 256 * 1024
     max_request_size: int = 16 * 1024 * 1024
     request_timeout_ms: int = 30_000
 

@@ -28,7 +28,7 @@ def _int(raw: bytes | None) -> int | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen __init__ costs µs on the per-record path
 class Envelope:
     """What the headers of a record say, after the signature and producer were checked.
 
@@ -44,7 +44,7 @@ class Envelope:
     producer: str | None
     deadline_ms: int | None
     next_stage: str | None
-    trace: TraceContext | None
+    traceparent: bytes | None
     attempt: int
     replay: bytes | None
     unsigned_ingress: bool
@@ -61,11 +61,16 @@ class Envelope:
             producer=_text(headers.get(H.PRODUCER)),
             deadline_ms=_int(headers.get(H.DEADLINE)),
             next_stage=_text(headers.get(H.NEXT)),
-            trace=TraceContext.parse(headers.get(H.TRACEPARENT)),
+            traceparent=headers.get(H.TRACEPARENT),
             attempt=_int(headers.get(H.ATTEMPT)) or 1,
             replay=headers.get(H.REPLAY),
             unsigned_ingress=headers.get(H.UNSIGNED_INGRESS) == b"1",
         )
+
+    @property
+    def trace(self) -> TraceContext | None:
+        """The W3C trace context of the record (parsed on first use; None if malformed)."""
+        return TraceContext.parse(self.traceparent)
 
     def expired(self, at_ms: int | None = None) -> bool:
         return self.deadline_ms is not None and (at_ms or now_ms()) > self.deadline_ms

@@ -187,6 +187,14 @@ class Decided:
 Prepared = Admitted | Decided
 
 
+@dataclass(slots=True)
+class _TopicMetrics:
+    consumed: Any
+    duplicates: Any
+    ok: Any
+    seconds: Any
+
+
 @dataclass
 class Pipeline:
     """The middleware of one service (one consumer group)."""
@@ -206,6 +214,7 @@ class Pipeline:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     _sig_cache: SignatureCache = field(default_factory=SignatureCache)
     _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _metric_children: dict[str, _TopicMetrics] = field(default_factory=dict)
 
     # -- publishing helpers -------------------------------------------------------------
 
@@ -228,7 +237,7 @@ class Pipeline:
         for i in items:
             if isinstance(i, Admitted) and (i.envelope.event_id in seen
                                             or i.envelope.event_id in self._recent):
-                self.metrics.duplicates.labels(self.service, i.record.topic).inc()
+                self._m(i.record.topic).duplicates.inc()
                 out.append(Decided(i.record, Skipped("duplicate")))
             else:
                 out.append(i)
@@ -239,7 +248,7 @@ class Pipeline:
         if isinstance(item, Decided):
             return item.outcome
         if item.envelope.event_id in self._recent:  # a copy earlier in the same batch
-            self.metrics.duplicates.labels(self.service, item.record.topic).inc()
+            self._m(item.record.topic).duplicates.inc()
             return Skipped("duplicate")
         outcome = await self._handle(item)
         if isinstance(outcome, Handled):
@@ -250,13 +259,25 @@ class Pipeline:
         """Prepare and run a batch in order (the in-memory harness and tests use this)."""
         return [(item.record, await self.run(item)) for item in await self.prepare(records)]
 
+    def _m(self, topic_name: str) -> _TopicMetrics:
+        found = self._metric_children.get(topic_name)
+        if found is None:
+            m, svc = self.metrics, self.service
+            found = self._metric_children[topic_name] = _TopicMetrics(
+                consumed=m.consumed.labels(svc, topic_name),
+                duplicates=m.duplicates.labels(svc, topic_name),
+                ok=m.handled.labels(svc, topic_name, "ok"),
+                seconds=m.handler_seconds.labels(svc, topic_name),
+            )
+        return found
+
     def _remember(self, event_id: str) -> None:
         self._recent[event_id] = None
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
     def _admit(self, record: InRecord) -> Admitted | Decided:
-        self.metrics.consumed.labels(self.service, record.topic).inc()
+        self._m(record.topic).consumed.inc()
         headers = H.header_dict(record.headers)
         sub = self.subscriptions.get(record.topic)
         next_stage = headers.get(H.NEXT)
@@ -320,9 +341,10 @@ class Pipeline:
         sub = self.subscriptions[record.topic]
         if env.unsigned_ingress and not env.tenant:
             env = replace(env, tenant=event.tenant)
+        trace = env.trace
         bind_record(event_type=env.event_type, event_id=env.event_id,
                     request_id=env.request_id, doc_id=env.doc_id,
-                    trace_id=env.trace.trace_id if env.trace else None, tenant=env.tenant,
+                    trace_id=trace.trace_id if trace else None, tenant=env.tenant,
                     topic=record.topic)
         self.budget.deposit()
         attempt = 1
@@ -356,9 +378,8 @@ class Pipeline:
                 await self.sleep(delay)
                 continue
             finally:
-                self.metrics.handler_seconds.labels(self.service, record.topic).observe(
-                    time.perf_counter() - started)
-            self.metrics.handled.labels(self.service, record.topic, "ok").inc()
+                self._m(record.topic).seconds.observe(time.perf_counter() - started)
+            self._m(record.topic).ok.inc()
             return Handled(env.event_id or "", ctx.outputs)
 
     def dead_letter(self, record: InRecord, exc: BaseException, failure: FailureClass,

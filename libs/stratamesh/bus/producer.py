@@ -20,7 +20,7 @@ from stratamesh.config import Settings
 from stratamesh.errors import BrokerError
 from stratamesh.obs.metrics import bus_metrics
 from stratamesh.security.keys import SigningKey
-from stratamesh.security.signing import leaf_hash, sign_batch
+from stratamesh.security.signing import MAX_BATCH, leaf_hash, sign_batch
 
 __all__ = ["MeshProducer", "OutRecord"]
 
@@ -48,6 +48,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "enable_idempotence": False,
         "linger_ms": settings.producer.linger_ms,
         "max_request_size": settings.producer.max_request_size,
+        "max_batch_size": settings.producer.max_batch_size,
         "request_timeout_ms": settings.producer.request_timeout_ms,
     }
 
@@ -65,6 +66,7 @@ class MeshProducer:
         self._kick_scheduled = False
         self._sender: asyncio.Task[None] | None = None
         self._metrics = bus_metrics()
+        self._produced: dict[str, Any] = {}
         self._started = False
         self._inflight: set[asyncio.Future[RecordMetadata]] = set()
 
@@ -129,9 +131,11 @@ class MeshProducer:
             return
         if self.signer is None:
             raise BrokerError("this producer has no signing key; every event must be signed")
-        leaves = [leaf_hash(r.key, r.value or b"", H.header_dict(r.headers)) for r in to_sign]
-        for record, sig in zip(to_sign, sign_batch(self.signer, leaves), strict=True):
-            record.headers.append((H.SIGNATURE, sig))
+        for i in range(0, len(to_sign), MAX_BATCH):
+            chunk = to_sign[i : i + MAX_BATCH]
+            leaves = [leaf_hash(r.key, r.value or b"", H.header_dict(r.headers)) for r in chunk]
+            for record, sig in zip(chunk, sign_batch(self.signer, leaves), strict=True):
+                record.headers.append((H.SIGNATURE, sig))
 
     async def _send_loop(self) -> None:
         while True:
@@ -156,7 +160,9 @@ class MeshProducer:
                 kafka_fut.add_done_callback(self._chain(record.topic, fut))
 
     def _chain(self, topic: str, fut: asyncio.Future[RecordMetadata]) -> Any:
-        counter = self._metrics.produced.labels(self.service, topic)
+        counter = self._produced.get(topic)
+        if counter is None:
+            counter = self._produced[topic] = self._metrics.produced.labels(self.service, topic)
 
         def done(kf: asyncio.Future[RecordMetadata]) -> None:
             if fut.done():
