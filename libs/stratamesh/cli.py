@@ -1,10 +1,11 @@
 """The `strata` command line."""
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Coroutine
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -32,7 +33,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(replay_app, name="replay")
 
-out = Console()
+# Wide enough for the topic tables when piped (rich would assume 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 T = TypeVar("T")
 
@@ -212,7 +214,11 @@ def publish(
                                            "when unsigned ingress is enabled)")] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
-    """Publish events (JSON matching the topic's event type; event_id may be omitted)."""
+    """Publish events: JSON (or JSON lines) matching the topic's event type.
+
+    event_id, occurred_at and producer may be omitted (filled in); the record is signed with
+    the identity's key and acknowledged by the broker before the command returns.
+    """
     from stratamesh.bus.publish import Publisher
     from stratamesh.bus.topics import topic
     from stratamesh.events import EVENT_TYPES, new_event_id
@@ -225,8 +231,11 @@ def publish(
     docs = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped \
         else [json.loads(line) for line in stripped.splitlines() if line.strip()]
     events = []
+    now = datetime.now().astimezone().isoformat()
     for doc in docs:
         doc.setdefault("event_id", new_event_id())
+        doc.setdefault("occurred_at", now)
+        doc.setdefault("producer", as_)
         events.append(model.model_validate(doc))
 
     async def main() -> None:
@@ -263,9 +272,251 @@ def tail(
         pass
 
 
-def _parse_when(text: str) -> datetime:
-    when = datetime.fromisoformat(text)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+# -- topics --------------------------------------------------------------------------------
+
+
+@topics_app.command("list")
+def topics_list(bootstrap: Bootstrap = None,
+                registry: Annotated[bool, typer.Option(
+                    "--registry", help="show the registry without asking a broker")] = False
+                ) -> None:
+    """The registry's topics: event, producers → consumers, partitions, retention, DLQ twin."""
+    from stratamesh.bus.admin import list_topics
+    from stratamesh.bus.topics import TOPICS
+
+    existing: dict[str, int] | None = None
+    if not registry:
+        existing = _run(list_topics(_settings(bootstrap)))
+    table = Table("topic", "event", "producers → consumers", "partitions", "retention",
+                  "dlq" + ("" if existing is None else " (exists)"))
+    for spec in TOPICS:
+        parts = str(spec.partitions) if existing is None else str(existing.get(spec.name, "—"))
+        dlq = spec.dlq if existing is None else f"{spec.dlq} ({'yes' if spec.dlq in existing else 'no'})"
+        table.add_row(spec.name, spec.event_type,
+                      f"{' '.join(sorted(spec.producers))} → {' '.join(sorted(spec.consumers))}",
+                      parts, f"{spec.retention_ms // 86_400_000} d", dlq)
+    out.print(table)
+    if existing is not None:
+        others = sorted(set(existing) - {n for t in TOPICS for n in (t.name, t.dlq)})
+        if others:
+            out.print("other topics: " + ", ".join(f"{n} ({existing[n]})" for n in others))
+
+
+@topics_app.command("create")
+def topics_create(
+    names: Annotated[list[str] | None, typer.Argument(help="topics (default: the whole "
+                                                      "registry and every DLQ twin)")] = None,
+    partitions: Annotated[int | None, typer.Option(help="partition count (default: the "
+                                                   "registry's)")] = None,
+    replication_factor: Annotated[int, typer.Option()] = 1,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Create the registry topics and their DLQ twins (idempotent)."""
+    from stratamesh.bus.admin import ensure_topics
+
+    result = _run(ensure_topics(_settings(bootstrap), names or None, partitions=partitions,
+                                replication_factor=replication_factor))
+    created = [n for n, new in result.items() if new]
+    out.print(f"created {len(created)}, already there {len(result) - len(created)}")
+    for name in created:
+        out.print(f"  + {name}")
+
+
+@topics_app.command("describe")
+def topics_describe(
+    name: Annotated[str, typer.Argument(metavar="TOPIC")],
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="show this "
+                                                    "group's offsets and lag")] = None,
+    all_groups: Annotated[bool, typer.Option(help="lag of every consumer group")] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Partitions with their true end offsets, the registry entry, and consumer lag."""
+    from stratamesh.bus.admin import describe_topic
+
+    d = _run(describe_topic(_settings(bootstrap), name, groups=group, all_groups=all_groups))
+    if d.spec is not None:
+        out.print(f"[bold]{d.name}[/bold]  {d.spec.event_type}  ({d.spec.description}); "
+                  f"producers: {', '.join(sorted(d.spec.producers))}")
+    out.print(f"records: {d.records}   dlq: {d.dlq or '—'}"
+              f"{'' if d.dlq is None else (' (exists)' if d.dlq_exists else ' (missing)')}")
+    table = Table("partition", "begin", "end", "records")
+    for p in d.partitions:
+        table.add_row(str(p.partition), str(p.begin), str(p.end), str(p.count))
+    out.print(table)
+    for g, lags in d.groups.items():
+        out.print(f"group {g}: lag {sum(x.lag for x in lags)}  (" + ", ".join(
+            f"p{x.partition}={x.lag}" for x in lags) + ")")
+
+
+# -- dlq -----------------------------------------------------------------------------------
+
+
+@dlq_app.command("ls")
+def dlq_ls(
+    topic_name: Annotated[str | None, typer.Argument(metavar="[TOPIC]")] = None,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Dead-letter topics with records, pending (not redriven) and failure classes."""
+    from stratamesh.bus.dlq import list_dlq
+
+    rows = _run(list_dlq(_settings(bootstrap), topic_name))
+    table = Table("dlq topic", "records", "pending", "failure classes", "services")
+    for r in rows:
+        table.add_row(r.topic, str(r.records), str(r.pending),
+                      ", ".join(f"{k}={v}" for k, v in sorted(r.failure_classes.items())),
+                      ", ".join(sorted(r.services)))
+    out.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(
+    topic_name: Annotated[str, typer.Argument(metavar="DLQ_TOPIC")],
+    offset: Annotated[int | None, typer.Option(help="start at this offset")] = None,
+    partition: Annotated[int | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+    stacktrace: Annotated[bool, typer.Option(help="include the stack traces")] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Print dead letters as JSON lines: position, failure, original envelope, decoded event."""
+    from stratamesh.bus.codec import Codec
+    from stratamesh.bus.dlq import read_dlq
+    from stratamesh.bus.inspect import describe_record
+
+    settings = _settings(bootstrap)
+    codec = Codec.from_settings(settings)
+    records = _run(read_dlq(settings, topic_name, offset, limit=limit, partition=partition))
+    for r in records:
+        view = describe_record(r, codec)
+        dlt = {k: v for k, v in dataclasses.asdict(r.dlt).items() if v is not None}
+        if not stacktrace:
+            dlt.pop("exception_stacktrace", None)
+        view["headers"] = {k: v for k, v in view["headers"].items()
+                           if not k.startswith("strata-dlt-")}
+        view["dead_letter"] = dlt
+        print(json.dumps(view, default=str))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    topic_name: Annotated[str, typer.Argument(metavar="DLQ_TOPIC")],
+    offset: Annotated[list[str] | None, typer.Option(
+        "--offset", help="PARTITION:OFFSET to redrive (repeatable); default: every pending "
+        "record")] = None,
+    dry_run: Annotated[bool, typer.Option(help="show what would be redriven")] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Re-publish dead letters, byte-identical (key, value, original headers), to their source.
+
+    Progress is kept in the consumer group `strata-dlq-redrive`: a record is redriven once.
+    """
+    from stratamesh.bus.dlq import redrive
+
+    picks: list[int | tuple[int, int]] | None = None
+    if offset:
+        picks = []
+        for item in offset:
+            part, _, off = item.partition(":")
+            picks.append((int(part), int(off)) if off else int(part))
+    res = _run(redrive(_settings(bootstrap), topic_name, picks, dry_run=dry_run))
+    verb = "would redrive" if res.dry_run else "redrove"
+    out.print(f"{verb} {res.total} record(s): " + (", ".join(
+        f"{t}={n}" for t, n in res.redriven.items()) or "none"))
+    if res.already_redriven:
+        out.print(f"already redriven before: {res.already_redriven}")
+    for skipped in res.skipped:
+        out.print(f"[yellow]skipped[/yellow] {skipped}")
+    for warning in res.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+# -- replay --------------------------------------------------------------------------------
+
+
+def _duration(text: str) -> timedelta:
+    """`90s`, `15m`, `2h`, `1d`, or ISO-8601 like `PT1H30M`."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if m:
+        n, unit = float(m.group(1)), m.group(2)
+        return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+    m = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?",
+                     text.strip().upper())
+    if m and any(m.groups()):
+        d, h, mi, sec = (float(x) if x else 0.0 for x in m.groups())
+        return timedelta(days=d, hours=h, minutes=mi, seconds=sec)
+    raise typer.BadParameter(f"not a duration: {text!r} (use 90s, 15m, 2h, 1d or PT1H)")
+
+
+@replay_app.command("reset")
+def replay_reset(
+    group: Annotated[str, typer.Option(help="the consumer group (a service's name)")],
+    topic_name: Annotated[str, typer.Option("--topic", help="the topic to rewind")],
+    to_offset: Annotated[int | None, typer.Option(help="this offset on every partition")] = None,
+    to_datetime: Annotated[str | None, typer.Option(help="first record at or after this "
+                                                    "ISO time (naive = local time)")] = None,
+    by_duration: Annotated[str | None, typer.Option(help="now minus this: 15m, 2h, PT1H")
+                           ] = None,
+    to_earliest: Annotated[bool, typer.Option()] = False,
+    to_latest: Annotated[bool, typer.Option()] = False,
+    execute: Annotated[bool, typer.Option(help="commit the new offsets (default: dry run)")
+                       ] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Move a stopped consumer group to an offset, a time or a duration ago (dry run unless
+    --execute; refuses while the group has members, like kafka-consumer-groups)."""
+    from stratamesh.bus.replay import execute_plan, plan_reset
+
+    settings = _settings(bootstrap)
+    when = None
+    if to_datetime:
+        when = datetime.fromisoformat(to_datetime)
+        if when.tzinfo is None:
+            when = when.astimezone()  # naive = local time
+    plan = _run(plan_reset(settings, group, topic_name, to_offset=to_offset, to_datetime=when,
+                           by_duration=_duration(by_duration) if by_duration else None,
+                           to_earliest=to_earliest, to_latest=to_latest))
+    if execute:
+        plan = _run(execute_plan(settings, plan))
+    table = Table("partition", "current", "target", "lag before", "lag after")
+    for r in plan.rows:
+        table.add_row(str(r.partition), "—" if r.current is None else str(r.current),
+                      str(r.target), str(r.lag_before), str(r.lag_after))
+    out.print(table)
+    out.print(f"group {plan.group} on {plan.topic} ({plan.strategy}): "
+              + ("[green]offsets committed[/green]" if plan.executed
+                 else "dry run — add --execute to commit"))
+
+
+@replay_app.command("copy")
+def replay_copy(
+    topic_name: Annotated[str, typer.Option("--topic")],
+    from_: Annotated[str | None, typer.Option("--from", help="offset or ISO time (default: "
+                                              "the beginning)")] = None,
+    to: Annotated[str | None, typer.Option(help="offset or ISO time, exclusive (default: the "
+                                           "end)")] = None,
+    into: Annotated[str, typer.Option(help="`shadow` (→ shadow.<topic>) or a topic name")
+                    ] = "shadow",
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Re-publish a range of a topic into the shadow namespace, byte-identical plus the
+    `strata-replay` header, for a shadow pipeline to process."""
+    from stratamesh.bus.replay import copy_range
+
+    def point(text: str | None) -> int | datetime | None:
+        if text is None:
+            return None
+        if text.lstrip("-").isdigit():
+            return int(text)
+        when = datetime.fromisoformat(text)
+        return when if when.tzinfo else when.astimezone()
+
+    res = _run(copy_range(_settings(bootstrap), topic_name, from_=point(from_), to=point(to),
+                          into=into))
+    out.print(f"copied {res.total} record(s) {res.source} → {res.target} "
+              f"(strata-replay: {res.replay_id})")
+    for part, (start, stop) in sorted(res.ranges.items()):
+        out.print(f"  p{part}: [{start}, {stop}) → {res.copied.get(part, 0)}")
 
 
 def main() -> None:
@@ -273,3 +524,7 @@ def main() -> None:
 
 
 __all__ = ["app", "main"]
+
+
+if __name__ == "__main__":
+    main()
