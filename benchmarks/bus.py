@@ -119,7 +119,9 @@ async def bare_hop(settings: Settings, topic: str, n: int, rate: float) -> dict[
 
 
 async def _wait_assigned(consumer: AIOKafkaConsumer) -> None:
-    while not consumer.assignment():
+    for _ in range(400):  # aiokafka has no event for "assigned"; poll for it, 20 s at most
+        if consumer.assignment():
+            break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
 

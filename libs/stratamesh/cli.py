@@ -1,6 +1,7 @@
 """The `strata` command line."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -266,10 +267,8 @@ def tail(
                                        follow=follow, limit=limit):
             print(json.dumps(line, default=str), flush=True)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _run(main())
-    except KeyboardInterrupt:
-        pass
 
 
 # -- topics --------------------------------------------------------------------------------
@@ -291,7 +290,8 @@ def topics_list(bootstrap: Bootstrap = None,
                   "dlq" + ("" if existing is None else " (exists)"))
     for spec in TOPICS:
         parts = str(spec.partitions) if existing is None else str(existing.get(spec.name, "—"))
-        dlq = spec.dlq if existing is None else f"{spec.dlq} ({'yes' if spec.dlq in existing else 'no'})"
+        dlq = spec.dlq if existing is None \
+            else f"{spec.dlq} ({'yes' if spec.dlq in existing else 'no'})"
         table.add_row(spec.name, spec.event_type,
                       f"{' '.join(sorted(spec.producers))} → {' '.join(sorted(spec.consumers))}",
                       parts, f"{spec.retention_ms // 86_400_000} d", dlq)

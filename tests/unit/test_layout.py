@@ -27,10 +27,8 @@ def foreign_imports(services_dir: Path) -> list[str]:
                 parts = name.split(".")
                 if name.startswith("<relative"):
                     problems.append(f"{path.name}: {name}")
-                elif parts[:2] == ["stratamesh", "services"] and len(parts) > 2 \
-                        and parts[2] != own:
-                    problems.append(f"{path.relative_to(services_dir)}: {name}")
-                elif parts[0] == "services":
+                elif (parts[:2] == ["stratamesh", "services"] and len(parts) > 2 \
+                        and parts[2] != own) or parts[0] == "services":
                     problems.append(f"{path.relative_to(services_dir)}: {name}")
     return problems
 

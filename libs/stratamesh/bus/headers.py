@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 __all__ = [
@@ -82,6 +83,6 @@ SIGNED_HEADERS: Final[tuple[str, ...]] = (
 Headers = list[tuple[str, bytes]]
 
 
-def header_dict(headers: Headers | tuple[tuple[str, bytes], ...] | None) -> dict[str, bytes]:
+def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, bytes]:
     """Headers as a dict; the last value of a repeated header wins."""
     return {k: v for k, v in headers or ()}

@@ -322,7 +322,7 @@ class Pipeline:
             raise DecodeError(f"{spec.name} carries {spec.event_type}, "
                               f"header says {env.event_type!r}")
         event = self.codec.decode(record.value or b"")
-        if event.EVENT_TYPE != spec.event_type:
+        if spec.event_type != event.EVENT_TYPE:
             raise DecodeError(f"{spec.name} carries {spec.event_type}, got {event.EVENT_TYPE}")
         if event.event_id != env.event_id:
             raise SignatureError("strata-event-id header does not match the payload")

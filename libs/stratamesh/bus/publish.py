@@ -35,7 +35,7 @@ def event_record(codec: Codec, producer: str, event: Event, topic_name: str, *,
                  unsigned_ingress: bool = False) -> OutRecord:
     """The record for ``event`` with the envelope headers of DESIGN.md §2 (signed on send)."""
     spec = topic(topic_name)
-    if event.EVENT_TYPE != spec.event_type:
+    if spec.event_type != event.EVENT_TYPE:
         raise EncodeError(f"{spec.name} carries {spec.event_type}, not {event.EVENT_TYPE}")
     if getattr(event, "producer", producer) != producer:
         # The payload names its producer too (for audit and replay); the envelope is the truth.

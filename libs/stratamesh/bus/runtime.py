@@ -261,10 +261,9 @@ class KafkaRuntime:
                 await self.pipeline.idempotency.mark(self.pipeline.group, marks)
             if offsets:
                 await self._consumer.commit(offsets)
-                for tp, om in offsets.items():
-                    lane = self._lanes.get(tp)
-                    if lane is not None:
-                        lane.committed = om.offset
+                for lane in lanes:
+                    if lane.tp in offsets:
+                        lane.committed = offsets[lane.tp].offset
             self._report_lag(lanes)
 
     def _acked_prefix(self, lane: _Lane, marks: list[str]) -> int | None:

@@ -1,4 +1,4 @@
-"""The embedded default: a Tansu broker child process and local stores, for `strata up` and tests."""
+"""The embedded default: a Tansu broker child process and local stores (`strata up`, tests)."""
 
 from stratamesh.embedded.broker import EmbeddedBroker, find_tansu, free_port
 

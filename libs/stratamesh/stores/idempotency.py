@@ -109,7 +109,7 @@ class SqliteIdempotency:
             chunk = list(event_ids[i : i + 500])
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                f"SELECT event_id FROM handled WHERE scope = ? AND expires_at > ? "  # noqa: S608
+                f"SELECT event_id FROM handled WHERE scope = ? AND expires_at > ? "
                 f"AND event_id IN ({marks})", [scope, now, *chunk]
             ).fetchall()
             found.update(r[0] for r in rows)
