@@ -33,9 +33,7 @@ from stratamesh.events import (
 from stratamesh.events.testing import any_event, event_strategy, sample_event
 
 ALL_TYPES = sorted(EVENT_TYPES.items())
-ROUND_TRIP = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+ROUND_TRIP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -55,8 +53,9 @@ def confluent() -> Codec:
 
 def fastavro_body(cls: type[Event], event: Event) -> bytes:
     out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(load_schema(cls.EVENT_TYPE)),
-                               event.model_dump())
+    fastavro.schemaless_writer(
+        out, fastavro.parse_schema(load_schema(cls.EVENT_TYPE)), event.model_dump()
+    )
     return out.getvalue()
 
 
@@ -158,6 +157,7 @@ def test_fingerprint_is_crc64_avro_of_canonical_form_little_endian(soe: Codec) -
         assert '"doc"' not in canonical and '"default"' not in canonical
         expected = struct.pack("<Q", rabin(canonical.encode()))
         assert soe.fingerprint(cls) == expected == schema_fingerprint(load_schema(name))
+        assert expected.hex() == fastavro.schema.fingerprint(canonical, "CRC-64-AVRO")
     fingerprints = {soe.fingerprint(cls) for _, cls in ALL_TYPES}
     assert len(fingerprints) == len(ALL_TYPES)
 
@@ -193,8 +193,9 @@ def _without_optional_field(schema: dict[str, Any], name: str) -> dict[str, Any]
     return older
 
 
-def _framed_by_registry(registry: Any, subject: str, schema: dict[str, Any],
-                        record: dict[str, Any]) -> bytes:
+def _framed_by_registry(
+    registry: Any, subject: str, schema: dict[str, Any], record: dict[str, Any]
+) -> bytes:
     schema_id = registry.register_schema(subject, Schema(json.dumps(schema), "AVRO"))
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
@@ -204,12 +205,17 @@ def _framed_by_registry(registry: Any, subject: str, schema: dict[str, Any],
 def test_confluent_reads_newer_and_older_writer_schemas() -> None:
     registry = mock_registry("evolution")
     codec = Codec(registry=registry)
-    event = sample_event(InferenceRequested, prompt="p", temperature=0.5,
-                         client_metadata={"k": "v"})
+    event = sample_event(
+        InferenceRequested, prompt="p", temperature=0.5, client_metadata={"k": "v"}
+    )
     current = load_schema("InferenceRequested")
 
-    newer = _framed_by_registry(registry, "requests.submitted-value", _with_extra_field(current),
-                                {**event.model_dump(), "added_later": "x"})
+    newer = _framed_by_registry(
+        registry,
+        "requests.submitted-value",
+        _with_extra_field(current),
+        {**event.model_dump(), "added_later": "x"},
+    )
     assert codec.decode(newer) == event  # the unknown field is skipped
 
     older_schema = _without_optional_field(current, "temperature")
@@ -242,15 +248,19 @@ def test_confluent_incompatible_writer_schema_is_a_decode_error() -> None:
 def test_single_object_history_versions_are_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
     current = load_schema("DocumentSubmitted")
     older = _without_optional_field(current, "chunk_profile")
-    monkeypatch.setattr(codec_module, "history_schemas",
-                        lambda event_type: [(1, older)] if event_type == "DocumentSubmitted"
-                        else [])
+    monkeypatch.setattr(
+        codec_module,
+        "history_schemas",
+        lambda event_type: [(1, older)] if event_type == "DocumentSubmitted" else [],
+    )
     codec = Codec()
     event = sample_event(DocumentSubmitted, content="body", title="T")
     body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(older),
-                               {k: v for k, v in event.model_dump().items()
-                                if k != "chunk_profile"})
+    fastavro.schemaless_writer(
+        body,
+        fastavro.parse_schema(older),
+        {k: v for k, v in event.model_dump().items() if k != "chunk_profile"},
+    )
     raw = SOE_MAGIC + schema_fingerprint(older) + body.getvalue()
     assert schema_fingerprint(older) != codec.fingerprint(DocumentSubmitted)
     assert codec.decode(raw) == event
@@ -283,8 +293,9 @@ def _raw_with(cls: type[Event], event: Event, **changes: Any) -> bytes:
         if f["name"] in changes:
             f["type"] = json.loads(json.dumps(f["type"]).replace('"int"', '"long"'))
     out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(schema),
-                               {**event.model_dump(), **changes})
+    fastavro.schemaless_writer(
+        out, fastavro.parse_schema(schema), {**event.model_dump(), **changes}
+    )
     return _soe(cls, out.getvalue())
 
 
@@ -300,17 +311,20 @@ SAMPLE = sample_event(InferenceRequested, prompt="hello")
         (b"\xc3\x02" + bytes(8), "unsupported single-object encoding version"),
         (SOE_MAGIC + b"\xff" * 8 + b"\x00", "unknown schema fingerprint"),
         (b"\x00\x00\x00", "truncated Confluent header"),
-        (b"\x00\x00\x00\x00\x07\x00", "no schema registry is configured.*"
-                                      "STRATA_SCHEMA_REGISTRY_URL"),
-        (b"{\"json\": true}", "unknown framing magic byte 0x7b"),
+        (
+            b"\x00\x00\x00\x00\x07\x00",
+            "no schema registry is configured.*STRATA_SCHEMA_REGISTRY_URL",
+        ),
+        (b'{"json": true}', "unknown framing magic byte 0x7b"),
         (_soe(InferenceRequested, _body(SAMPLE)[:-3]), "truncated"),
         (_soe(InferenceRequested, _body(SAMPLE)[:5]), "truncated|malformed"),
         (_soe(InferenceRequested, _body(SAMPLE) + b"\x00"), "1 trailing bytes"),
         (_soe(InferenceRequested, b"\x01" * 40), "malformed|truncated"),
-        (_raw_with(InferenceRequested, SAMPLE, event_id="not-a-uuid"),
-         "does not validate: event_id"),
-        (_raw_with(InferenceRequested, SAMPLE, max_tokens=2**40),
-         "does not validate: max_tokens"),
+        (
+            _raw_with(InferenceRequested, SAMPLE, event_id="not-a-uuid"),
+            "does not validate: event_id",
+        ),
+        (_raw_with(InferenceRequested, SAMPLE, max_tokens=2**40), "does not validate: max_tokens"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -386,8 +400,9 @@ def _mutations() -> st.SearchStrategy[bytes]:
         min_size=1,
         max_size=4,
     )
-    encoded = st.builds(lambda ev, conf: (CONF if conf else SOE).encode(ev), any_event(),
-                        st.booleans())
+    encoded = st.builds(
+        lambda ev, conf: (CONF if conf else SOE).encode(ev), any_event(), st.booleans()
+    )
     return st.builds(mutate, encoded, ops)
 
 
@@ -412,7 +427,7 @@ def test_arbitrary_bytes_only_ever_raise_decode_error(raw: bytes) -> None:
     for codec in (SOE, CONF):
         _decodes_or_decode_error(codec, raw)
         _decodes_or_decode_error(codec, SOE_MAGIC + raw)
-        for _, cls in ALL_TYPES[:: 5]:
+        for _, cls in ALL_TYPES[::5]:
             _decodes_or_decode_error(codec, SOE_MAGIC + codec.fingerprint(cls) + raw)
 
 
@@ -458,10 +473,14 @@ def test_encode_errors(soe: Codec) -> None:
         soe.encode(SAMPLE.model_copy(update={"max_tokens": 2**40}))
     with pytest.raises(EncodeError, match="cannot encode InferenceRequested"):
         soe.encode(SAMPLE.model_copy(update={"prompt": 12}))
-    chunk = Chunk(chunk_id="c", position=0, text="t", token_count=1, version=1,
-                  knowledge_class="fluid")
-    too_big = EmbeddedChunk(chunk=chunk, dense=[1e300],  # valid Python, not a 32-bit float
-                            sparse=SparseVector(indices=[], values=[]))
+    chunk = Chunk(
+        chunk_id="c", position=0, text="t", token_count=1, version=1, knowledge_class="fluid"
+    )
+    too_big = EmbeddedChunk(
+        chunk=chunk,
+        dense=[1e300],  # valid Python, not a 32-bit float
+        sparse=SparseVector(indices=[], values=[]),
+    )
     vectors = sample_event(ChunksEmbedded, embed_model="m", dim=1, embeddings=[too_big])
     with pytest.raises(EncodeError, match="cannot encode ChunksEmbedded"):
         soe.encode(vectors)
