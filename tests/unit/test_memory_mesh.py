@@ -1,0 +1,82 @@
+"""The in-memory harness runs the same middleware as the broker runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stratamesh.bus import headers as H
+from stratamesh.bus import topics as T
+from stratamesh.bus.middleware import Context, DeadLettered, Handled, Skipped
+from stratamesh.bus.service import Service
+from stratamesh.bus.testing import MemoryMesh
+from stratamesh.errors import Transient
+from stratamesh.events import InferenceRequested, RequestAdmitted
+from tests.factories import make_event
+
+
+def _guard(seen: list[Any], fail_times: int = 0) -> Service:
+    svc = Service("guard")
+    failures = {"left": fail_times}
+
+    @svc.subscribe(T.REQUESTS_SUBMITTED, stage=T.Stage.GUARD_IN)
+    async def admit(event: InferenceRequested, ctx: Context) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise Transient("flaky")
+        seen.append((event, ctx.tenant, ctx.attempt))
+        ctx.publish(make_event(RequestAdmitted, event_id=ctx.derive_id(),
+                               request_id=event.request_id, tenant=ctx.tenant),
+                    next_stage=T.Stage.ROUTE)
+
+    return svc
+
+
+async def test_handler_outputs_carry_derived_ids_trace_and_next_stage() -> None:
+    seen: list[Any] = []
+    mesh = MemoryMesh(_guard(seen))
+    client = mesh.client("web", tenant="acme")
+    ingress = await mesh.publish(make_event(InferenceRequested, tenant="spoofed"), as_=client)
+    await mesh.run_until_idle()
+    assert [(e.tenant, t) for e, t, _ in seen] == [("acme", "acme")]
+    [out] = mesh.topics[T.REQUESTS_ADMITTED]
+    hdrs = H.header_dict(out.headers)
+    assert hdrs[H.NEXT] == b"route" and hdrs[H.PRODUCER] == b"guard"
+    assert hdrs[H.TENANT] == b"acme"
+    trace_in = H.header_dict(ingress.headers)[H.TRACEPARENT].split(b"-")[1]
+    assert hdrs[H.TRACEPARENT].split(b"-")[1] == trace_in  # same trace, new span
+    [admitted] = mesh.events(T.REQUESTS_ADMITTED)
+    assert admitted.producer == "guard"
+
+
+async def test_retries_then_succeeds_and_exhaustion_dead_letters() -> None:
+    seen: list[Any] = []
+    mesh = MemoryMesh(_guard(seen, fail_times=2))
+    client = mesh.client("web", tenant="acme")
+    await mesh.publish(make_event(InferenceRequested), as_=client)
+    await mesh.run_until_idle()
+    assert [a for *_, a in seen] == [3]
+
+    seen2: list[Any] = []
+    mesh2 = MemoryMesh(_guard(seen2, fail_times=5))
+    client2 = mesh2.client("web", tenant="acme")
+    await mesh2.publish(make_event(InferenceRequested), as_=client2)
+    await mesh2.run_until_idle()
+    assert seen2 == []
+    [(_, _, outcome)] = mesh2.outcomes
+    assert isinstance(outcome, DeadLettered) and outcome.failure == "exhausted"
+    assert len(mesh2.topics[T.dlq_of(T.REQUESTS_SUBMITTED)]) == 1
+
+
+async def test_duplicates_and_other_stages_are_skipped() -> None:
+    seen: list[Any] = []
+    mesh = MemoryMesh(_guard(seen))
+    client = mesh.client("web", tenant="acme")
+    event = make_event(InferenceRequested)
+    await mesh.publish(event, as_=client)
+    await mesh.publish(event, as_=client)
+    await mesh.publish(make_event(InferenceRequested), as_=client, next_stage="judge")
+    await mesh.run_until_idle()
+    outcomes = [o for *_, o in mesh.outcomes]
+    assert isinstance(outcomes[0], Handled)
+    assert outcomes[1] == Skipped("duplicate") and outcomes[2] == Skipped("not-this-stage")
+    assert len(seen) == 1
