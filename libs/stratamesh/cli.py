@@ -237,7 +237,11 @@ def publish(
         doc.setdefault("event_id", new_event_id())
         doc.setdefault("occurred_at", now)
         doc.setdefault("producer", as_)
-        events.append(model.model_validate(doc))
+        try:  # JSON mode: bytes fields are base64, as `strata tail` prints them
+            events.append(model.model_validate_json(json.dumps(doc)))
+        except ValueError as exc:
+            err.print(f"[red]error:[/red] not a valid {spec.event_type}: {exc}")
+            raise typer.Exit(2) from None
 
     async def main() -> None:
         async with Publisher(settings, as_, unsigned=unsigned) as pub:
