@@ -59,18 +59,26 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _summary(latencies_ms: list[float], throughput: float) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(latencies_ms), 3),
-            "p99_ms": round(_pct(latencies_ms, 0.99), 3),
-            "msgs_per_s": round(throughput, 1)}
+    return {
+        "p50_ms": round(statistics.median(latencies_ms), 3),
+        "p99_ms": round(_pct(latencies_ms, 0.99), 3),
+        "msgs_per_s": round(throughput, 1),
+    }
 
 
 def _event(i: int) -> RequestAdmitted:
     """A typical small request event (~250 bytes encoded)."""
     return RequestAdmitted(
-        event_id=new_event_id(), tenant="bench", occurred_at=datetime.now(UTC),
-        producer="guard", request_id=f"req-{i}", priority=Priority.PRO,
-        query=Query(prompt="What does the retention policy say about invoices older than "
-                    "seven years, and who may approve an exception?"),
+        event_id=new_event_id(),
+        tenant="bench",
+        occurred_at=datetime.now(UTC),
+        producer="guard",
+        request_id=f"req-{i}",
+        priority=Priority.PRO,
+        query=Query(
+            prompt="What does the retention policy say about invoices older than "
+            "seven years, and who may approve an exception?"
+        ),
         guard_version="guard@bench",
         client_metadata={SENT_NS: str(time.time_ns())},
     )
@@ -107,11 +115,28 @@ async def produce(settings: Settings, mode: str, count: int, rate: float) -> Non
 
 
 def _spawn(settings: Settings, mode: str, count: int, rate: float) -> subprocess.Popen[str]:
-    env = {**os.environ, "STRATA_HOME": str(settings.home),
-           "STRATA_BOOTSTRAP_SERVERS": settings.bootstrap_servers or ""}
+    env = {
+        **os.environ,
+        "STRATA_HOME": str(settings.home),
+        "STRATA_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
+    }
     return subprocess.Popen(
-        [sys.executable, __file__, "--role", "producer", "--mode", mode, "--messages",
-         str(count), "--rate", str(rate)], env=env, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            __file__,
+            "--role",
+            "producer",
+            "--mode",
+            mode,
+            "--messages",
+            str(count),
+            "--rate",
+            str(rate),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _start_ns(proc: subprocess.Popen[str]) -> int:
@@ -141,8 +166,9 @@ class Receiver:
         if self.count >= self.target:
             self.reached.set()
 
-    async def phase(self, settings: Settings, mode: str, count: int, rate: float
-                    ) -> tuple[list[float], float]:
+    async def phase(
+        self, settings: Settings, mode: str, count: int, rate: float
+    ) -> tuple[list[float], float]:
         self.latencies_ms, self.count, self.target = [], 0, count
         self.reached.clear()
         proc = _spawn(settings, mode, count, rate)
@@ -206,14 +232,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         broker = EmbeddedBroker()
         broker.start()
         bootstrap = broker.bootstrap
-    settings = Settings(home=Path(tempfile.mkdtemp(prefix="strata-bench-")),
-                        bootstrap_servers=bootstrap,
-                        redis_url=os.environ.get("STRATA_REDIS_URL"),
-                        consumer={"session_timeout_ms": 6000,  # type: ignore[arg-type]
-                                  "heartbeat_interval_ms": 500})
+    settings = Settings(
+        home=Path(tempfile.mkdtemp(prefix="strata-bench-")),
+        bootstrap_servers=bootstrap,
+        redis_url=os.environ.get("STRATA_REDIS_URL"),
+        consumer={
+            "session_timeout_ms": 6000,  # type: ignore[arg-type]
+            "heartbeat_interval_ms": 500,
+        },
+    )
     try:
-        await ensure_topics(settings, [T.REQUESTS_ADMITTED, T.dlq_of(T.REQUESTS_ADMITTED)],
-                            partitions=PARTITIONS)
+        await ensure_topics(
+            settings, [T.REQUESTS_ADMITTED, T.dlq_of(T.REQUESTS_ADMITTED)], partitions=PARTITIONS
+        )
         await create_topic(settings, BARE_TOPIC, PARTITIONS)
         for identity in ("guard", "route"):
             generate_identity(settings.keys_dir, identity)
@@ -224,14 +255,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             broker.stop()
     return {
         "benchmark": "bus",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "broker": "embedded tansu" if broker else bootstrap,
         "idempotency": "redis" if settings.redis_url else "sqlite",
-        "messages": args.messages, "latency_rate_per_s": args.rate,
-        "bare": bare, "mesh": mesh,
-        "ratios": {"p99": round(mesh["p99_ms"] / bare["p99_ms"], 3),
-                   "throughput": round(mesh["msgs_per_s"] / bare["msgs_per_s"], 3)},
+        "messages": args.messages,
+        "latency_rate_per_s": args.rate,
+        "bare": bare,
+        "mesh": mesh,
+        "ratios": {
+            "p99": round(mesh["p99_ms"] / bare["p99_ms"], 3),
+            "throughput": round(mesh["msgs_per_s"] / bare["msgs_per_s"], 3),
+        },
         "targets": {"p99_ratio_max": 2.0, "throughput_ratio_min": 0.5},
     }
 
@@ -242,8 +280,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="msgs/s for latency")
     parser.add_argument("--bootstrap", help="use this broker instead of an embedded one")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
-    parser.add_argument("--role", choices=["bench", "producer"], default="bench",
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=["bench", "producer"], default="bench", help=argparse.SUPPRESS
+    )
     parser.add_argument("--mode", choices=["bare", "mesh"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "producer":

@@ -27,8 +27,9 @@ app = typer.Typer(
 topics_app = typer.Typer(help="List, create and describe the mesh's topics.", no_args_is_help=True)
 keys_app = typer.Typer(help="Ed25519 identities of services and clients.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Inspect and redrive dead-letter topics.", no_args_is_help=True)
-replay_app = typer.Typer(help="Reset consumer groups; copy topic ranges into the shadow "
-                         "namespace.", no_args_is_help=True)
+replay_app = typer.Typer(
+    help="Reset consumer groups; copy topic ranges into the shadow namespace.", no_args_is_help=True
+)
 app.add_typer(topics_app, name="topics")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dlq_app, name="dlq")
@@ -59,14 +60,23 @@ def _settings(bootstrap: str | None = None, *, need_broker: bool = True) -> Sett
     path = bootstrap_file(settings)
     if path.exists():
         return settings.model_copy(update={"bootstrap_servers": path.read_text().strip()})
-    err.print("[red]error:[/red] no broker: start one with `strata up` (in another terminal), "
-              "or set STRATA_BOOTSTRAP_SERVERS=HOST:PORT, or pass --bootstrap")
+    err.print(
+        "[red]error:[/red] no broker: start one with `strata up` (in another terminal), "
+        "or set STRATA_BOOTSTRAP_SERVERS=HOST:PORT, or pass --bootstrap"
+    )
     raise typer.Exit(2)
 
 
-Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "-b", help="HOST:PORT of a "
-                                               "Kafka broker (default: STRATA_BOOTSTRAP_SERVERS,"
-                                               " then the broker of `strata up`)")]
+Bootstrap = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        "-b",
+        help="HOST:PORT of a "
+        "Kafka broker (default: STRATA_BOOTSTRAP_SERVERS,"
+        " then the broker of `strata up`)",
+    ),
+]
 
 
 # -- up / run ----------------------------------------------------------------------------
@@ -75,8 +85,10 @@ Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "-b", help="HOST:P
 @app.command()
 def up(
     bootstrap: Bootstrap = None,
-    service: Annotated[list[str] | None, typer.Option(
-        "--service", "-s", help="run only these services (repeatable)")] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", "-s", help="run only these services (repeatable)"),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics here")] = None,
 ) -> None:
     """Run the whole mesh in one process: the broker, the topics and every installed service.
@@ -99,15 +111,21 @@ def up(
         mesh = await Mesh.start(settings, bootstrap=bootstrap, only=service)
         port = start_metrics(mesh.settings)
         names = [s.identity for s in mesh.services] or ["none installed yet"]
-        out.print(f"[green]stratamesh is up[/green]  broker [bold]"
-                  f"{mesh.settings.bootstrap_servers}[/bold]"
-                  f"{' (embedded)' if mesh.broker else ''}")
-        out.print(f"  services: {', '.join(names)}   "
-                  f"(installed: {', '.join(discover_services()) or 'none'})")
+        out.print(
+            f"[green]stratamesh is up[/green]  broker [bold]"
+            f"{mesh.settings.bootstrap_servers}[/bold]"
+            f"{' (embedded)' if mesh.broker else ''}"
+        )
+        out.print(
+            f"  services: {', '.join(names)}   "
+            f"(installed: {', '.join(discover_services()) or 'none'})"
+        )
         if port:
             out.print(f"  metrics:  http://127.0.0.1:{port}/metrics")
-        out.print(f"  publish as client:{DEV_CLIENT} (tenant {DEV_TENANT}):  strata publish "
-                  f"requests.submitted --as client:{DEV_CLIENT} --file EVENT.json")
+        out.print(
+            f"  publish as client:{DEV_CLIENT} (tenant {DEV_TENANT}):  strata publish "
+            f"requests.submitted --as client:{DEV_CLIENT} --file EVENT.json"
+        )
         out.print("  Ctrl-C to stop.")
         await mesh.run_until_signalled()
         out.print("stopped.")
@@ -118,8 +136,9 @@ def up(
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(help="the service to run, e.g. guard")],
-    identity: Annotated[str | None, typer.Option(help="signing identity, e.g. infer.r1 "
-                                                 "(default: the service name)")] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="signing identity, e.g. infer.r1 (default: the service name)")
+    ] = None,
     shadow: Annotated[bool, typer.Option(help="consume and produce shadow.<topic>")] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
@@ -138,14 +157,18 @@ def run(
     async def main() -> None:
         import signal
 
+        from stratamesh.embedded.up import start_metrics
+
         await svc.start(settings)
+        start_metrics(settings)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         waiter = asyncio.create_task(svc.wait())
-        await asyncio.wait([waiter, asyncio.create_task(stop.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
         await svc.stop()
 
     _run(main())
@@ -156,8 +179,9 @@ def run(
 
 @keys_app.command("gen")
 def keys_gen(
-    identity: Annotated[list[str] | None, typer.Argument(
-        help="service identities, e.g. guard infer.r1")] = None,
+    identity: Annotated[
+        list[str] | None, typer.Argument(help="service identities, e.g. guard infer.r1")
+    ] = None,
     client: Annotated[str | None, typer.Option(help="create a client key with this name")] = None,
     tenant: Annotated[str | None, typer.Option(help="tenant bound to the client key")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace existing keys")] = False,
@@ -207,12 +231,18 @@ def keys_list(keys_dir: Annotated[Path | None, typer.Option()] = None) -> None:
 @app.command()
 def publish(
     topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
-    file: Annotated[Path, typer.Option("--file", "-f", help="JSON event (or JSON lines); "
-                                       "'-' reads standard input")],
+    file: Annotated[
+        Path,
+        typer.Option("--file", "-f", help="JSON event (or JSON lines); '-' reads standard input"),
+    ],
     as_: Annotated[str, typer.Option("--as", help="signing identity, e.g. client:local")],
     next_stage: Annotated[str | None, typer.Option("--next", help="strata-next header")] = None,
-    unsigned: Annotated[bool, typer.Option(help="send without a signature (only accepted "
-                                           "when unsigned ingress is enabled)")] = False,
+    unsigned: Annotated[
+        bool,
+        typer.Option(
+            help="send without a signature (only accepted when unsigned ingress is enabled)"
+        ),
+    ] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
     """Publish events: JSON (or JSON lines) matching the topic's event type.
@@ -229,8 +259,11 @@ def publish(
     model = EVENT_TYPES[spec.event_type]
     text = sys.stdin.read() if str(file) == "-" else file.read_text()
     stripped = text.strip()
-    docs = [json.loads(stripped)] if stripped.startswith("{") and "\n{" not in stripped \
+    docs = (
+        [json.loads(stripped)]
+        if stripped.startswith("{") and "\n{" not in stripped
         else [json.loads(line) for line in stripped.splitlines() if line.strip()]
+    )
     events = []
     now = datetime.now().astimezone().isoformat()
     for doc in docs:
@@ -256,8 +289,9 @@ def publish(
 def tail(
     topic_name: Annotated[str, typer.Argument(metavar="TOPIC")],
     from_beginning: Annotated[bool, typer.Option(help="start at the oldest record")] = False,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="keep waiting for new "
-                                         "records")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="keep waiting for new records")
+    ] = False,
     limit: Annotated[int | None, typer.Option(help="stop after this many records")] = None,
     bootstrap: Bootstrap = None,
 ) -> None:
@@ -267,8 +301,9 @@ def tail(
     settings = _settings(bootstrap)
 
     async def main() -> None:
-        async for line in tail_records(settings, topic_name, from_beginning=from_beginning,
-                                       follow=follow, limit=limit):
+        async for line in tail_records(
+            settings, topic_name, from_beginning=from_beginning, follow=follow, limit=limit
+        ):
             print(json.dumps(line, default=str), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -279,10 +314,12 @@ def tail(
 
 
 @topics_app.command("list")
-def topics_list(bootstrap: Bootstrap = None,
-                registry: Annotated[bool, typer.Option(
-                    "--registry", help="show the registry without asking a broker")] = False
-                ) -> None:
+def topics_list(
+    bootstrap: Bootstrap = None,
+    registry: Annotated[
+        bool, typer.Option("--registry", help="show the registry without asking a broker")
+    ] = False,
+) -> None:
     """The registry's topics: event, producers → consumers, partitions, retention, DLQ twin."""
     from stratamesh.bus.admin import list_topics
     from stratamesh.bus.topics import TOPICS
@@ -290,15 +327,29 @@ def topics_list(bootstrap: Bootstrap = None,
     existing: dict[str, int] | None = None
     if not registry:
         existing = _run(list_topics(_settings(bootstrap)))
-    table = Table("topic", "event", "producers → consumers", "partitions", "retention",
-                  "dlq" + ("" if existing is None else " (exists)"))
+    table = Table(
+        "topic",
+        "event",
+        "producers → consumers",
+        "partitions",
+        "retention",
+        "dlq" + ("" if existing is None else " (exists)"),
+    )
     for spec in TOPICS:
         parts = str(spec.partitions) if existing is None else str(existing.get(spec.name, "—"))
-        dlq = spec.dlq if existing is None \
+        dlq = (
+            spec.dlq
+            if existing is None
             else f"{spec.dlq} ({'yes' if spec.dlq in existing else 'no'})"
-        table.add_row(spec.name, spec.event_type,
-                      f"{' '.join(sorted(spec.producers))} → {' '.join(sorted(spec.consumers))}",
-                      parts, f"{spec.retention_ms // 86_400_000} d", dlq)
+        )
+        table.add_row(
+            spec.name,
+            spec.event_type,
+            f"{' '.join(sorted(spec.producers))} → {' '.join(sorted(spec.consumers))}",
+            parts,
+            f"{spec.retention_ms // 86_400_000} d",
+            dlq,
+        )
     out.print(table)
     if existing is not None:
         others = sorted(set(existing) - {n for t in TOPICS for n in (t.name, t.dlq)})
@@ -308,18 +359,27 @@ def topics_list(bootstrap: Bootstrap = None,
 
 @topics_app.command("create")
 def topics_create(
-    names: Annotated[list[str] | None, typer.Argument(help="topics (default: the whole "
-                                                      "registry and every DLQ twin)")] = None,
-    partitions: Annotated[int | None, typer.Option(help="partition count (default: the "
-                                                   "registry's)")] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="topics (default: the whole registry and every DLQ twin)"),
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option(help="partition count (default: the registry's)")
+    ] = None,
     replication_factor: Annotated[int, typer.Option()] = 1,
     bootstrap: Bootstrap = None,
 ) -> None:
     """Create the registry topics and their DLQ twins (idempotent)."""
     from stratamesh.bus.admin import ensure_topics
 
-    result = _run(ensure_topics(_settings(bootstrap), names or None, partitions=partitions,
-                                replication_factor=replication_factor))
+    result = _run(
+        ensure_topics(
+            _settings(bootstrap),
+            names or None,
+            partitions=partitions,
+            replication_factor=replication_factor,
+        )
+    )
     created = [n for n, new in result.items() if new]
     out.print(f"created {len(created)}, already there {len(result) - len(created)}")
     for name in created:
@@ -329,8 +389,9 @@ def topics_create(
 @topics_app.command("describe")
 def topics_describe(
     name: Annotated[str, typer.Argument(metavar="TOPIC")],
-    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="show this "
-                                                    "group's offsets and lag")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="show this group's offsets and lag")
+    ] = None,
     all_groups: Annotated[bool, typer.Option(help="lag of every consumer group")] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
@@ -339,17 +400,24 @@ def topics_describe(
 
     d = _run(describe_topic(_settings(bootstrap), name, groups=group, all_groups=all_groups))
     if d.spec is not None:
-        out.print(f"[bold]{d.name}[/bold]  {d.spec.event_type}  ({d.spec.description}); "
-                  f"producers: {', '.join(sorted(d.spec.producers))}")
-    out.print(f"records: {d.records}   dlq: {d.dlq or '—'}"
-              f"{'' if d.dlq is None else (' (exists)' if d.dlq_exists else ' (missing)')}")
+        out.print(
+            f"[bold]{d.name}[/bold]  {d.spec.event_type}  ({d.spec.description}); "
+            f"producers: {', '.join(sorted(d.spec.producers))}"
+        )
+    out.print(
+        f"records: {d.records}   dlq: {d.dlq or '—'}"
+        f"{'' if d.dlq is None else (' (exists)' if d.dlq_exists else ' (missing)')}"
+    )
     table = Table("partition", "begin", "end", "records")
     for p in d.partitions:
         table.add_row(str(p.partition), str(p.begin), str(p.end), str(p.count))
     out.print(table)
     for g, lags in d.groups.items():
-        out.print(f"group {g}: lag {sum(x.lag for x in lags)}  (" + ", ".join(
-            f"p{x.partition}={x.lag}" for x in lags) + ")")
+        out.print(
+            f"group {g}: lag {sum(x.lag for x in lags)}  ("
+            + ", ".join(f"p{x.partition}={x.lag}" for x in lags)
+            + ")"
+        )
 
 
 # -- dlq -----------------------------------------------------------------------------------
@@ -366,9 +434,13 @@ def dlq_ls(
     rows = _run(list_dlq(_settings(bootstrap), topic_name))
     table = Table("dlq topic", "records", "pending", "failure classes", "services")
     for r in rows:
-        table.add_row(r.topic, str(r.records), str(r.pending),
-                      ", ".join(f"{k}={v}" for k, v in sorted(r.failure_classes.items())),
-                      ", ".join(sorted(r.services)))
+        table.add_row(
+            r.topic,
+            str(r.records),
+            str(r.pending),
+            ", ".join(f"{k}={v}" for k, v in sorted(r.failure_classes.items())),
+            ", ".join(sorted(r.services)),
+        )
     out.print(table)
 
 
@@ -394,8 +466,9 @@ def dlq_show(
         dlt = {k: v for k, v in dataclasses.asdict(r.dlt).items() if v is not None}
         if not stacktrace:
             dlt.pop("exception_stacktrace", None)
-        view["headers"] = {k: v for k, v in view["headers"].items()
-                           if not k.startswith("strata-dlt-")}
+        view["headers"] = {
+            k: v for k, v in view["headers"].items() if not k.startswith("strata-dlt-")
+        }
         view["dead_letter"] = dlt
         print(json.dumps(view, default=str))
 
@@ -403,9 +476,13 @@ def dlq_show(
 @dlq_app.command("redrive")
 def dlq_redrive(
     topic_name: Annotated[str, typer.Argument(metavar="DLQ_TOPIC")],
-    offset: Annotated[list[str] | None, typer.Option(
-        "--offset", help="PARTITION:OFFSET to redrive (repeatable); default: every pending "
-        "record")] = None,
+    offset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--offset",
+            help="PARTITION:OFFSET to redrive (repeatable); default: every pending record",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="show what would be redriven")] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
@@ -423,8 +500,10 @@ def dlq_redrive(
             picks.append((int(part), int(off)) if off else int(part))
     res = _run(redrive(_settings(bootstrap), topic_name, picks, dry_run=dry_run))
     verb = "would redrive" if res.dry_run else "redrove"
-    out.print(f"{verb} {res.total} record(s): " + (", ".join(
-        f"{t}={n}" for t, n in res.redriven.items()) or "none"))
+    out.print(
+        f"{verb} {res.total} record(s): "
+        + (", ".join(f"{t}={n}" for t, n in res.redriven.items()) or "none")
+    )
     if res.already_redriven:
         out.print(f"already redriven before: {res.already_redriven}")
     for skipped in res.skipped:
@@ -444,8 +523,9 @@ def _duration(text: str) -> timedelta:
     if m:
         n, unit = float(m.group(1)), m.group(2)
         return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
-    m = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?",
-                     text.strip().upper())
+    m = re.fullmatch(
+        r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?", text.strip().upper()
+    )
     if m and any(m.groups()):
         d, h, mi, sec = (float(x) if x else 0.0 for x in m.groups())
         return timedelta(days=d, hours=h, minutes=mi, seconds=sec)
@@ -457,14 +537,15 @@ def replay_reset(
     group: Annotated[str, typer.Option(help="the consumer group (a service's name)")],
     topic_name: Annotated[str, typer.Option("--topic", help="the topic to rewind")],
     to_offset: Annotated[int | None, typer.Option(help="this offset on every partition")] = None,
-    to_datetime: Annotated[str | None, typer.Option(help="first record at or after this "
-                                                    "ISO time (naive = local time)")] = None,
-    by_duration: Annotated[str | None, typer.Option(help="now minus this: 15m, 2h, PT1H")
-                           ] = None,
+    to_datetime: Annotated[
+        str | None, typer.Option(help="first record at or after this ISO time (naive = local time)")
+    ] = None,
+    by_duration: Annotated[str | None, typer.Option(help="now minus this: 15m, 2h, PT1H")] = None,
     to_earliest: Annotated[bool, typer.Option()] = False,
     to_latest: Annotated[bool, typer.Option()] = False,
-    execute: Annotated[bool, typer.Option(help="commit the new offsets (default: dry run)")
-                       ] = False,
+    execute: Annotated[
+        bool, typer.Option(help="commit the new offsets (default: dry run)")
+    ] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
     """Move a stopped consumer group to an offset, a time or a duration ago (dry run unless
@@ -477,30 +558,52 @@ def replay_reset(
         when = datetime.fromisoformat(to_datetime)
         if when.tzinfo is None:
             when = when.astimezone()  # naive = local time
-    plan = _run(plan_reset(settings, group, topic_name, to_offset=to_offset, to_datetime=when,
-                           by_duration=_duration(by_duration) if by_duration else None,
-                           to_earliest=to_earliest, to_latest=to_latest))
+    plan = _run(
+        plan_reset(
+            settings,
+            group,
+            topic_name,
+            to_offset=to_offset,
+            to_datetime=when,
+            by_duration=_duration(by_duration) if by_duration else None,
+            to_earliest=to_earliest,
+            to_latest=to_latest,
+        )
+    )
     if execute:
         plan = _run(execute_plan(settings, plan))
     table = Table("partition", "current", "target", "lag before", "lag after")
     for r in plan.rows:
-        table.add_row(str(r.partition), "—" if r.current is None else str(r.current),
-                      str(r.target), str(r.lag_before), str(r.lag_after))
+        table.add_row(
+            str(r.partition),
+            "—" if r.current is None else str(r.current),
+            str(r.target),
+            str(r.lag_before),
+            str(r.lag_after),
+        )
     out.print(table)
-    out.print(f"group {plan.group} on {plan.topic} ({plan.strategy}): "
-              + ("[green]offsets committed[/green]" if plan.executed
-                 else "dry run — add --execute to commit"))
+    out.print(
+        f"group {plan.group} on {plan.topic} ({plan.strategy}): "
+        + (
+            "[green]offsets committed[/green]"
+            if plan.executed
+            else "dry run — add --execute to commit"
+        )
+    )
 
 
 @replay_app.command("copy")
 def replay_copy(
     topic_name: Annotated[str, typer.Option("--topic")],
-    from_: Annotated[str | None, typer.Option("--from", help="offset or ISO time (default: "
-                                              "the beginning)")] = None,
-    to: Annotated[str | None, typer.Option(help="offset or ISO time, exclusive (default: the "
-                                           "end)")] = None,
-    into: Annotated[str, typer.Option(help="`shadow` (→ shadow.<topic>) or a topic name")
-                    ] = "shadow",
+    from_: Annotated[
+        str | None, typer.Option("--from", help="offset or ISO time (default: the beginning)")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option(help="offset or ISO time, exclusive (default: the end)")
+    ] = None,
+    into: Annotated[
+        str, typer.Option(help="`shadow` (→ shadow.<topic>) or a topic name")
+    ] = "shadow",
     bootstrap: Bootstrap = None,
 ) -> None:
     """Re-publish a range of a topic into the shadow namespace, byte-identical plus the
@@ -515,10 +618,12 @@ def replay_copy(
         when = datetime.fromisoformat(text)
         return when if when.tzinfo else when.astimezone()
 
-    res = _run(copy_range(_settings(bootstrap), topic_name, from_=point(from_), to=point(to),
-                          into=into))
-    out.print(f"copied {res.total} record(s) {res.source} → {res.target} "
-              f"(strata-replay: {res.replay_id})")
+    res = _run(
+        copy_range(_settings(bootstrap), topic_name, from_=point(from_), to=point(to), into=into)
+    )
+    out.print(
+        f"copied {res.total} record(s) {res.source} → {res.target} (strata-replay: {res.replay_id})"
+    )
     for part, (start, stop) in sorted(res.ranges.items()):
         out.print(f"  p{part}: [{start}, {stop}) → {res.copied.get(part, 0)}")
 

@@ -24,28 +24,37 @@ from stratamesh.bus.publish import Publisher
 from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.events import RequestAdmitted, derived_event_id
+from stratamesh.events.testing import sample_event
 from stratamesh.security.keys import generate_identity
-from tests.factories import make_event
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 2000
 
 
 def _spawn(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "STRATA_HOME": str(settings.home),
-           "STRATA_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
-           "STRATA_CONSUMER__SESSION_TIMEOUT_MS": "6000",
-           "STRATA_CONSUMER__HEARTBEAT_INTERVAL_MS": "500",
-           "STRATA_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "STRATA_HOME": str(settings.home),
+        "STRATA_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
+        "STRATA_CONSUMER__SESSION_TIMEOUT_MS": "6000",
+        "STRATA_CONSUMER__HEARTBEAT_INTERVAL_MS": "500",
+        "STRATA_LOG_LEVEL": "WARNING",
+    }
     if settings.redis_url:
         env["STRATA_REDIS_URL"] = settings.redis_url
-    return subprocess.Popen([sys.executable, "-m", "tests.chaos.worker"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.slow
 async def test_sigkill_mid_stream_loses_nothing_and_duplicates_no_effect(
-        settings: Settings) -> None:
+    settings: Settings,
+) -> None:
     await ensure_topics(settings, partitions=3)
     for identity in ("guard", "route", "infer"):
         generate_identity(settings.keys_dir, identity)
@@ -58,7 +67,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_no_effect(
     downstream.subscribe(T.REQUESTS_ROUTED)(sink)
     await downstream.start(settings)
 
-    inputs = [make_event(RequestAdmitted, request_id=f"req-{i}") for i in range(N)]
+    inputs = [sample_event(RequestAdmitted, request_id=f"req-{i}") for i in range(N)]
     async with Publisher(settings, "guard") as pub:
         for ev in inputs:
             pub.producer.send(pub.record(ev))
@@ -91,12 +100,14 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_no_effect(
         await downstream.stop()
 
     expected = {derived_event_id(ev.event_id, "route", 0) for ev in inputs}
-    assert set(effects) == expected          # nothing lost
-    assert len(effects) == N                 # no effect twice
+    assert set(effects) == expected  # nothing lost
+    assert len(effects) == N  # no effect twice
     physical = await _count(settings, T.REQUESTS_ROUTED)
     assert physical >= N
-    print(f"killed after {killed_at} effects; {physical} output records on the topic "
-          f"({physical - N} re-sent after the crash); {len(effects)} effects, all distinct")
+    print(
+        f"killed after {killed_at} effects; {physical} output records on the topic "
+        f"({physical - N} re-sent after the crash); {len(effects)} effects, all distinct"
+    )
 
 
 async def _count(settings: Settings, topic_name: str) -> int:

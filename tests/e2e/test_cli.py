@@ -16,18 +16,27 @@ import pytest
 STRATA = [sys.executable, "-m", "stratamesh.cli"]
 
 
-def strata(env: dict[str, str], *args: str, stdin: str | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STRATA, *args], env=env, input=stdin, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def strata(
+    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*STRATA, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen[str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
     env["STRATA_HOME"] = str(tmp_path / "home")
-    proc = subprocess.Popen([*STRATA, "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*STRATA, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     lines = []
@@ -49,7 +58,8 @@ def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], subprocess.Popen[str]]]
 
 
 def test_up_publish_tail_dlq_replay_and_clean_ctrl_c(
-        up: tuple[dict[str, str], subprocess.Popen[str]], tmp_path: Path) -> None:
+    up: tuple[dict[str, str], subprocess.Popen[str]], tmp_path: Path
+) -> None:
     env, proc = up
     bootstrap = (Path(env["STRATA_HOME"]) / "run" / "bootstrap").read_text().strip()
     broker_port = bootstrap.rsplit(":", 1)[1]
@@ -58,10 +68,22 @@ def test_up_publish_tail_dlq_replay_and_clean_ctrl_c(
     assert listed.returncode == 0, listed.stderr
     assert "requests.submitted" in listed.stdout and "results.dlq (yes)" in listed.stdout
 
-    event = {"tenant": "payload-says-other", "request_id": "r-cli", "priority": "pro",
-             "prompt": "What is stratamesh?"}
-    published = strata(env, "publish", "requests.submitted", "--as", "client:local",
-                       "--file", "-", stdin=json.dumps(event))
+    event = {
+        "tenant": "payload-says-other",
+        "request_id": "r-cli",
+        "priority": "pro",
+        "prompt": "What is stratamesh?",
+    }
+    published = strata(
+        env,
+        "publish",
+        "requests.submitted",
+        "--as",
+        "client:local",
+        "--file",
+        "-",
+        stdin=json.dumps(event),
+    )
     assert published.returncode == 0, published.stderr
     assert "requests.submitted[" in published.stdout
 
@@ -75,8 +97,17 @@ def test_up_publish_tail_dlq_replay_and_clean_ctrl_c(
     dlq = strata(env, "dlq", "ls")
     assert dlq.returncode == 0 and "requests.submitted.dlq" in dlq.stdout
 
-    dry = strata(env, "replay", "reset", "--group", "guard", "--topic", "requests.submitted",
-                 "--to-offset", "0")
+    dry = strata(
+        env,
+        "replay",
+        "reset",
+        "--group",
+        "guard",
+        "--topic",
+        "requests.submitted",
+        "--to-offset",
+        "0",
+    )
     assert dry.returncode == 0, dry.stderr
     assert "dry run" in dry.stdout
 
@@ -84,15 +115,24 @@ def test_up_publish_tail_dlq_replay_and_clean_ctrl_c(
     assert copied.returncode == 0, copied.stderr
     assert "copied 1 record(s)" in copied.stdout
 
-    bad = strata(env, "publish", "requests.submitted", "--as", "client:nobody", "--file", "-",
-                 stdin=json.dumps(event))
+    bad = strata(
+        env,
+        "publish",
+        "requests.submitted",
+        "--as",
+        "client:nobody",
+        "--file",
+        "-",
+        stdin=json.dumps(event),
+    )
     assert bad.returncode == 2 and "strata keys gen --client nobody" in bad.stderr
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert not (Path(env["STRATA_HOME"]) / "run" / "bootstrap").exists()
-    alive = subprocess.run(["pgrep", "-f", f"tcp://127.0.0.1:{broker_port}"],
-                           capture_output=True, check=False)
+    alive = subprocess.run(
+        ["pgrep", "-f", f"tcp://127.0.0.1:{broker_port}"], capture_output=True, check=False
+    )
     assert alive.returncode == 1, "the embedded broker outlived `strata up`"
 
 

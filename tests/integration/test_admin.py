@@ -46,7 +46,8 @@ async def produce(settings: Settings, topic_name: str, partition: int, n: int) -
 
 
 async def test_ensure_topics_creates_registry_and_dlq_twins_idempotently(
-        settings: Settings) -> None:
+    settings: Settings,
+) -> None:
     created = await ensure_topics(settings, partitions=2)
     assert set(created) == set(ALL_TOPICS) and all(created.values())
     again = await ensure_topics(settings)
@@ -58,8 +59,9 @@ async def test_ensure_topics_creates_registry_and_dlq_twins_idempotently(
     assert [p.partition for p in desc.partitions] == [0, 1] and desc.records == 0
 
 
-async def test_ensure_topics_partitions_from_settings_then_spec(settings: Settings,
-                                                                 unique: str) -> None:
+async def test_ensure_topics_partitions_from_settings_then_spec(
+    settings: Settings, unique: str
+) -> None:
     spec = TOPICS[1]
     overridden = settings.model_copy(update={"topic_partitions": 3})
     assert await ensure_topics(overridden, [spec.name]) == {spec.name: True}
@@ -70,7 +72,8 @@ async def test_ensure_topics_partitions_from_settings_then_spec(settings: Settin
     with pytest.raises(ConfigError, match="partition count"):
         await ensure_topics(settings, [f"not-in-registry-{unique}"])
     assert await ensure_topics(settings, [f"adhoc-{unique}"], partitions=1) == {
-        f"adhoc-{unique}": True}
+        f"adhoc-{unique}": True
+    }
 
 
 async def test_create_topic_and_shadow_twin(settings: Settings, unique: str) -> None:
@@ -97,20 +100,28 @@ async def test_describe_topic_true_ends_offsets_and_lag(settings: Settings, uniq
     await produce(settings, name, 0, 4)
     await produce(settings, name, 1, 6)
     group = f"svc-{unique}"
-    await commit_offsets(settings, group, {TopicPartition(name, 0): 5,
-                                           TopicPartition(name, 1): 6})
+    await commit_offsets(settings, group, {TopicPartition(name, 0): 5, TopicPartition(name, 1): 6})
 
     assert await group_offsets(settings, group, name) == {0: 5, 1: 6, 2: None}
     lag = await consumer_lag(settings, group, name)
     assert {p: (v.committed, v.end, v.lag) for p, v in lag.items()} == {
-        0: (5, 12, 7), 1: (6, 6, 0), 2: (None, 0, 0)}
+        0: (5, 12, 7),
+        1: (6, 6, 0),
+        2: (None, 0, 0),
+    }
 
     desc = await describe_topic(settings, name, groups=[group])
     assert [(p.partition, p.begin, p.end) for p in desc.partitions] == [
-        (0, 0, 12), (1, 0, 6), (2, 0, 0)]
+        (0, 0, 12),
+        (1, 0, 6),
+        (2, 0, 0),
+    ]
     assert desc.records == 18 and desc.spec is None and not desc.dlq_exists
     assert [(r.partition, r.committed, r.lag) for r in desc.groups[group]] == [
-        (0, 5, 7), (1, 6, 0), (2, None, 0)]
+        (0, 5, 7),
+        (1, 6, 0),
+        (2, None, 0),
+    ]
     # Every group that committed on the topic, found without being named.
     other = f"other-{unique}"
     await commit_offsets(settings, other, {TopicPartition(name, 2): 0})
@@ -121,8 +132,9 @@ async def test_describe_topic_true_ends_offsets_and_lag(settings: Settings, uniq
     assert committed[TopicPartition(name, 2)][0] == 0
 
 
-async def test_describe_missing_topic_raises_and_does_not_create_it(settings: Settings,
-                                                                   unique: str) -> None:
+async def test_describe_missing_topic_raises_and_does_not_create_it(
+    settings: Settings, unique: str
+) -> None:
     missing = f"ghost-{unique}"
     with pytest.raises(TopicNotFoundError, match="does not exist"):
         await describe_topic(settings, missing)
@@ -132,11 +144,16 @@ async def test_describe_missing_topic_raises_and_does_not_create_it(settings: Se
 
 
 @contextlib.asynccontextmanager
-async def member(settings: Settings, topic_name: str, group: str) -> AsyncIterator[
-        AIOKafkaConsumer]:
+async def member(
+    settings: Settings, topic_name: str, group: str
+) -> AsyncIterator[AIOKafkaConsumer]:
     consumer = AIOKafkaConsumer(
-        topic_name, bootstrap_servers=settings.bootstrap_servers, group_id=group,
-        session_timeout_ms=3000, heartbeat_interval_ms=500, fetch_max_wait_ms=50,
+        topic_name,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        fetch_max_wait_ms=50,
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -207,8 +224,7 @@ async def test_silent_broker_times_out_instead_of_hanging() -> None:
         silent.producer.request_timeout_ms = 1000
         from stratamesh.bus.offsets import true_end_offsets
 
-        for call in (list_topics(silent),
-                     true_end_offsets(silent, [TopicPartition("t", 0)])):
+        for call in (list_topics(silent), true_end_offsets(silent, [TopicPartition("t", 0)])):
             start = time.monotonic()
             with pytest.raises(BrokerError, match="is the broker running"):
                 await call

@@ -18,9 +18,9 @@ from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.errors import Transient
 from stratamesh.events import EVENT_TYPES, InferenceRequested, RequestAdmitted
+from stratamesh.events.testing import sample_event
 from stratamesh.security.keys import Keyring, generate_identity
 from stratamesh.security.signing import leaf_hash, verify_record
-from tests.factories import make_event
 from tests.integration.conftest import Env
 
 
@@ -32,8 +32,9 @@ async def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def read_all(settings: Settings, topic_name: str, expect: int,
-                   timeout: float = 15.0) -> list[Any]:
+async def read_all(
+    settings: Settings, topic_name: str, expect: int, timeout: float = 15.0
+) -> list[Any]:
     """Every record of ``topic_name`` (waits until at least ``expect`` arrived)."""
     consumer = AIOKafkaConsumer(topic_name, **consumer_config(settings, None))
     await consumer.start()
@@ -49,12 +50,14 @@ async def read_all(settings: Settings, topic_name: str, expect: int,
         await consumer.stop()
 
 
-def recorder(seen: list[Any], fn: Callable[[Any, Context], Awaitable[None]] | None = None
-             ) -> Callable[[Any, Context], Awaitable[None]]:
+def recorder(
+    seen: list[Any], fn: Callable[[Any, Context], Awaitable[None]] | None = None
+) -> Callable[[Any, Context], Awaitable[None]]:
     async def handler(event: Any, ctx: Context) -> None:
         if fn is not None:
             await fn(event, ctx)
         seen.append((event, ctx.tenant, ctx.envelope))
+
     return handler
 
 
@@ -62,15 +65,18 @@ async def test_every_event_type_round_trips_through_the_broker(env: Env) -> None
     codec = Codec()
     sent = {}
     for spec in T.TOPICS:
-        producer = sorted(p for p in spec.producers if p != T.CLIENT_PRODUCER)[0] \
-            if spec.producers - {T.CLIENT_PRODUCER} else None
+        producer = (
+            sorted(p for p in spec.producers if p != T.CLIENT_PRODUCER)[0]
+            if spec.producers - {T.CLIENT_PRODUCER}
+            else None
+        )
         if T.CLIENT_PRODUCER in spec.producers:
             identity = env.client(f"c-{spec.name.replace('.', '-')}", "t1")
         else:
             assert producer is not None
             identity = producer
         pub = await env.publisher(identity)
-        event = make_event(EVENT_TYPES[spec.event_type])
+        event = sample_event(EVENT_TYPES[spec.event_type])
         await pub.publish(event)
         sent[spec.name] = (identity, event)
     ring = Keyring.load(env.settings.keys_dir)
@@ -83,8 +89,7 @@ async def test_every_event_type_round_trips_through_the_broker(env: Env) -> None
         assert hdrs[H.EVENT_ID] == event.event_id.encode()
         assert hdrs[H.PRODUCER] == identity.encode()
         assert record.key == event.key.encode()
-        verify_record(ring, identity, leaf_hash(record.key, record.value, hdrs),
-                      hdrs[H.SIGNATURE])
+        verify_record(ring, identity, leaf_hash(record.key, record.value, hdrs), hdrs[H.SIGNATURE])
 
 
 async def test_poison_message_goes_to_dlq_and_the_consumer_goes_on(env: Env) -> None:
@@ -94,10 +99,10 @@ async def test_poison_message_goes_to_dlq_and_the_consumer_goes_on(env: Env) -> 
     svc = Service("guard")
     svc.subscribe(T.REQUESTS_SUBMITTED)(recorder(seen))
     await env.start(svc)
-    first = make_event(InferenceRequested, request_id="r-1")
-    poison = pub.record(make_event(InferenceRequested, request_id="r-1"))
+    first = sample_event(InferenceRequested, request_id="r-1")
+    poison = pub.record(sample_event(InferenceRequested, request_id="r-1"))
     poison.value = b"\xc3\x01not avro at all"
-    last = make_event(InferenceRequested, request_id="r-1")
+    last = sample_event(InferenceRequested, request_id="r-1")
     await pub.publish(first)
     await pub.producer.send(poison)
     await pub.publish(last)
@@ -117,16 +122,17 @@ async def test_poison_message_goes_to_dlq_and_the_consumer_goes_on(env: Env) -> 
 
 
 async def test_transient_failure_is_retried_without_stalling_other_partitions(env: Env) -> None:
-    settings = env.settings.model_copy(update={"retry": env.settings.retry.model_copy(
-        update={"attempts": 3})})
+    settings = env.settings.model_copy(
+        update={"retry": env.settings.retry.model_copy(update={"attempts": 3})}
+    )
     client = env.client("web", "acme")
     pub = await env.publisher(client)
-    flaky = make_event(InferenceRequested, request_id="flaky")
+    flaky = sample_event(InferenceRequested, request_id="flaky")
     md = await pub.publish(flaky)
     others = []
     i = 0
     while len(others) < 6:
-        ev = make_event(InferenceRequested, request_id=f"other-{i}")
+        ev = sample_event(InferenceRequested, request_id=f"other-{i}")
         i += 1
         if (await pub.publish(ev)).partition != md.partition:
             others.append(ev)
@@ -154,8 +160,11 @@ async def test_transient_failure_is_retried_without_stalling_other_partitions(en
 async def test_exhausted_retries_land_in_dlq_and_redrive_reprocesses(env: Env) -> None:
     from stratamesh.bus.dlq import redrive
 
-    settings = env.settings.model_copy(update={"retry": env.settings.retry.model_copy(
-        update={"attempts": 2, "base_delay_s": 0.05})})
+    settings = env.settings.model_copy(
+        update={
+            "retry": env.settings.retry.model_copy(update={"attempts": 2, "base_delay_s": 0.05})
+        }
+    )
     client = env.client("web", "acme")
     pub = await env.publisher(client)
     healthy = {"up": False}
@@ -169,7 +178,7 @@ async def test_exhausted_retries_land_in_dlq_and_redrive_reprocesses(env: Env) -
     svc = Service("guard")
     svc.subscribe(T.REQUESTS_SUBMITTED)(handler)
     await env.start(svc, settings)
-    event = make_event(InferenceRequested)
+    event = sample_event(InferenceRequested)
     await pub.publish(event)
     [dead] = await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 1)
     hdrs = H.header_dict(dead.headers)
@@ -181,8 +190,9 @@ async def test_exhausted_retries_land_in_dlq_and_redrive_reprocesses(env: Env) -
     await eventually(lambda: seen == [event.event_id])
 
 
-async def test_forged_unknown_and_unauthorized_producers_are_rejected(env: Env, tmp_path: Any
-                                                                      ) -> None:
+async def test_forged_unknown_and_unauthorized_producers_are_rejected(
+    env: Env, tmp_path: Any
+) -> None:
     client = env.client("web", "acme")
     seen: list[Any] = []
     svc = Service("guard")
@@ -190,22 +200,23 @@ async def test_forged_unknown_and_unauthorized_producers_are_rejected(env: Env, 
     await env.start(svc)
     # a service that may not write requests.submitted
     route = await env.publisher("route")
-    await route.publish(make_event(InferenceRequested))
+    await route.publish(sample_event(InferenceRequested))
     # a key the consumers never trusted, claiming to be the registered client
     rogue = generate_identity(tmp_path / "rogue", "rogue")
     from stratamesh.bus.publish import Publisher
+
     forger = Publisher(env.settings, client, signing_key=rogue)
     await forger.__aenter__()
     env.publishers.append(forger)
-    await forger.publish(make_event(InferenceRequested))
+    await forger.publish(sample_event(InferenceRequested))
     # a client nobody registered
     stranger = Publisher(env.settings, "client:stranger", signing_key=rogue)
     await stranger.__aenter__()
     env.publishers.append(stranger)
-    await stranger.publish(make_event(InferenceRequested))
+    await stranger.publish(sample_event(InferenceRequested))
     # and one honest record, whose payload claims another tenant
     honest = await env.publisher(client)
-    claim = make_event(InferenceRequested, tenant="someone-else")
+    claim = sample_event(InferenceRequested, tenant="someone-else")
     await honest.publish(claim)
     dead = await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 3)
     classes = [H.header_dict(d.headers)[H.DLT_FAILURE_CLASS] for d in dead]
@@ -221,19 +232,28 @@ async def test_unsigned_ingress_is_off_by_default_and_marked_when_on(env: Env) -
     seen: list[Any] = []
 
     async def forward(event: Any, ctx: Context) -> None:
-        ctx.publish(make_event(RequestAdmitted, event_id=ctx.derive_id(),
-                               request_id=event.request_id, tenant=ctx.tenant))
+        ctx.publish(
+            sample_event(
+                RequestAdmitted,
+                event_id=ctx.derive_id(),
+                request_id=event.request_id,
+                tenant=ctx.tenant,
+            )
+        )
 
     strict = Service("guard")
     strict.subscribe(T.REQUESTS_SUBMITTED)(recorder(seen))
     await env.start(strict)
-    await anon.publish(make_event(InferenceRequested, tenant="dev"))
+    await anon.publish(sample_event(InferenceRequested, tenant="dev"))
     [dead] = await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 1)
     assert H.header_dict(dead.headers)[H.DLT_FAILURE_CLASS] == b"security"
     assert seen == []
 
-    lax_settings = env.settings.model_copy(update={"security": env.settings.security.model_copy(
-        update={"allow_unsigned_ingress": True})})
+    lax_settings = env.settings.model_copy(
+        update={
+            "security": env.settings.security.model_copy(update={"allow_unsigned_ingress": True})
+        }
+    )
     lax = Service("guard", group="guard-dev")
     lax.subscribe(T.REQUESTS_SUBMITTED)(forward)
     await env.start(lax, lax_settings)
@@ -251,10 +271,10 @@ async def test_redelivered_event_has_no_second_effect(env: Env) -> None:
     svc = Service("guard")
     svc.subscribe(T.REQUESTS_SUBMITTED)(recorder(seen))
     await env.start(svc)
-    event = make_event(InferenceRequested)
+    event = sample_event(InferenceRequested)
     for _ in range(3):
         await pub.publish(event)  # the same event id three times (a client retrying)
-    marker = make_event(InferenceRequested)
+    marker = sample_event(InferenceRequested)
     await pub.publish(marker)
     await eventually(lambda: any(e.event_id == marker.event_id for e, *_ in seen))
     await asyncio.sleep(0.3)
@@ -268,12 +288,12 @@ async def test_expired_deadline_goes_to_dlq_and_stage_filter_skips(env: Env) -> 
     svc = Service("guard")
     svc.subscribe(T.REQUESTS_SUBMITTED, stage=T.Stage.GUARD_IN)(recorder(seen))
     await env.start(svc)
-    expired = make_event(InferenceRequested)
+    expired = sample_event(InferenceRequested)
     await pub.publish(expired, deadline_ms=int(time.time() * 1000) - 1000)
-    other_stage = pub.record(make_event(InferenceRequested), next_stage="somebody_else")
+    other_stage = pub.record(sample_event(InferenceRequested), next_stage="somebody_else")
     other_stage.value = b"never decoded"
     await pub.producer.send(other_stage)
-    mine = make_event(InferenceRequested)
+    mine = sample_event(InferenceRequested)
     await pub.publish(mine, next_stage=T.Stage.GUARD_IN)
     await eventually(lambda: len(seen) == 1)
     assert seen[0][0].event_id == mine.event_id

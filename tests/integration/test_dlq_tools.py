@@ -40,8 +40,14 @@ def original(i: int) -> list[Header]:
     ]
 
 
-def dead_letter(orig: list[Header], *, topic: str | None, partition: bytes | None,
-                failure: str = "poison", attempt: int = 1) -> list[Header]:
+def dead_letter(
+    orig: list[Header],
+    *,
+    topic: str | None,
+    partition: bytes | None,
+    failure: str = "poison",
+    attempt: int = 1,
+) -> list[Header]:
     """The middleware's layout, with one DLT header slipped into the middle for good measure."""
     dlt: list[Header] = []
     if topic is not None:
@@ -64,8 +70,12 @@ def dead_letter(orig: list[Header], *, topic: str | None, partition: bytes | Non
 
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                         enable_idempotence=False, linger_ms=20)
+    p = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=20,
+    )
     await p.start()
     yield p
     await p.stop()
@@ -81,8 +91,9 @@ async def read_topic(settings: Settings, topic: str, partitions: int) -> list[An
     return out
 
 
-async def test_list_read_and_redrive_byte_identical_once(settings: Settings, unique: str,
-                                                         producer: AIOKafkaProducer) -> None:
+async def test_list_read_and_redrive_byte_identical_once(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     src = f"requests-{unique}"
     dlq = f"{src}.dlq"
     await create_topic(settings, src, 3)
@@ -92,20 +103,33 @@ async def test_list_read_and_redrive_byte_identical_once(settings: Settings, uni
     for i in range(7):
         orig = original(i)
         target_partition = [2, 1, 0][i % 3]
-        encoded = str(target_partition).encode() if i != 5 else target_partition.to_bytes(
-            4, "big")  # Spring Kafka's binary int is understood too
+        encoded = (
+            str(target_partition).encode() if i != 5 else target_partition.to_bytes(4, "big")
+        )  # Spring Kafka's binary int is understood too
         key = None if i == 6 else b"req-%d" % i
         value = os.urandom(40) + b"\x00\xff"
-        headers = dead_letter(orig, topic=src, partition=encoded,
-                              failure="exhausted" if i % 2 else "poison", attempt=1 + i % 3)
+        headers = dead_letter(
+            orig,
+            topic=src,
+            partition=encoded,
+            failure="exhausted" if i % 2 else "poison",
+            attempt=1 + i % 3,
+        )
         sent.append((target_partition, key, value, orig, headers))
         # Several records per DLQ partition, in multi-record batches (linger).
-        futures.append(await producer.send(dlq, value=value, key=key, headers=headers,
-                                           partition=i % 3))
+        futures.append(
+            await producer.send(dlq, value=value, key=key, headers=headers, partition=i % 3)
+        )
     # Unroutable: no original topic header.
-    futures.append(await producer.send(dlq, value=b"lost", key=b"k", partition=0,
-                                       headers=dead_letter(original(99), topic=None,
-                                                           partition=b"0")))
+    futures.append(
+        await producer.send(
+            dlq,
+            value=b"lost",
+            key=b"k",
+            partition=0,
+            headers=dead_letter(original(99), topic=None, partition=b"0"),
+        )
+    )
     for f in futures:
         await f
 
@@ -125,11 +149,18 @@ async def test_list_read_and_redrive_byte_identical_once(settings: Settings, uni
         assert r.key == key and list(r.headers) == headers
         assert r.original_headers == orig
         assert r.dlt == DltHeaders(
-            original_topic=src, original_partition=target_partition, original_offset=41,
-            original_timestamp=1_700_000_000_000, original_consumer_group="guard",
+            original_topic=src,
+            original_partition=target_partition,
+            original_offset=41,
+            original_timestamp=1_700_000_000_000,
+            original_consumer_group="guard",
             exception_fqcn="stratamesh.errors.DecodeError",
-            exception_message="bad bytes \u2013 really", exception_stacktrace="Traceback ...",
-            failure_class=r.dlt.failure_class, service="guard", attempt=r.dlt.attempt)
+            exception_message="bad bytes \u2013 really",
+            exception_stacktrace="Traceback ...",
+            failure_class=r.dlt.failure_class,
+            service="guard",
+            attempt=r.dlt.attempt,
+        )
         assert r.dlt.failure_class in {"poison", "exhausted"} and r.dlt.attempt in {1, 2, 3}
     page = await read_dlq(settings, src, offset=1, partition=0, limit=2)
     assert [(r.partition, r.offset) for r in page] == [(0, 1), (0, 2)]
@@ -137,7 +168,8 @@ async def test_list_read_and_redrive_byte_identical_once(settings: Settings, uni
     dry = await redrive(settings, dlq, dry_run=True)
     assert dry.redriven == {src: 7} and len(dry.skipped) == 1
     assert await true_end_offsets(settings, [TopicPartition(src, p) for p in range(3)]) == {
-        TopicPartition(src, p): 0 for p in range(3)}
+        TopicPartition(src, p): 0 for p in range(3)
+    }
 
     done = await redrive(settings, src)
     assert done.redriven == {src: 7} and done.total == 7 and done.already_redriven == 0
@@ -160,22 +192,35 @@ async def test_list_read_and_redrive_byte_identical_once(settings: Settings, uni
 
     # A new dead letter is the only one redriven next time.
     late = original(50)
-    await (await producer.send(dlq, value=b"late", key=b"req-50", partition=1,
-                               headers=dead_letter(late, topic=src, partition=b"1")))
+    await (
+        await producer.send(
+            dlq,
+            value=b"late",
+            key=b"req-50",
+            partition=1,
+            headers=dead_letter(late, topic=src, partition=b"1"),
+        )
+    )
     third = await redrive(settings, dlq)
     assert third.redriven == {src: 1} and third.records == [(1, 2)]
     assert len(await read_topic(settings, src, 3)) == 8
 
 
-async def test_redrive_by_offset_is_remembered(settings: Settings, unique: str,
-                                               producer: AIOKafkaProducer) -> None:
+async def test_redrive_by_offset_is_remembered(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     src = f"results-{unique}"
     dlq = f"{src}.dlq"
     await create_topic(settings, src, 2)
     await create_topic(settings, dlq, 2)
     for i in range(5):
-        await producer.send(dlq, value=b"v%d" % i, key=b"k%d" % i, partition=0,
-                            headers=dead_letter(original(i), topic=src, partition=b"1"))
+        await producer.send(
+            dlq,
+            value=b"v%d" % i,
+            key=b"k%d" % i,
+            partition=0,
+            headers=dead_letter(original(i), topic=src, partition=b"1"),
+        )
     await producer.flush()
     group = f"redrive-{unique}"
 
@@ -197,8 +242,7 @@ async def test_redrive_by_offset_is_remembered(settings: Settings, unique: str,
     ahead = await redrive(settings, dlq, [(0, 3)], group=group)
     assert ahead.records == [(0, 3)] and ahead.committed == {0: 2}
     tp = TopicPartition(dlq, 0)
-    kept = (await committed_offsets(settings, group, [tp]))[tp][1].startswith(
-        "strata-redriven:")
+    kept = (await committed_offsets(settings, group, [tp]))[tp][1].startswith("strata-redriven:")
     rest = await redrive(settings, dlq, group=group)
     if kept:  # Apache Kafka keeps commit metadata: offset 3 is known to be done
         assert not ahead.warnings

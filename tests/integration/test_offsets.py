@@ -27,26 +27,37 @@ BASE_TS = 1_700_000_000_000
 
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                         enable_idempotence=False)
+    p = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=False
+    )
     await p.start()
     yield p
     await p.stop()
 
 
-async def produce_batch(producer: AIOKafkaProducer, topic: str, partition: int,
-                        timestamps: Sequence[int], prefix: bytes = b"r") -> None:
+async def produce_batch(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    timestamps: Sequence[int],
+    prefix: bytes = b"r",
+) -> None:
     """One record batch (several records in ONE batch: what Tansu's ListOffsets gets wrong)."""
     batch = producer.create_batch()
     for i, ts in enumerate(timestamps):
-        assert batch.append(key=b"k%d" % i, value=prefix + b"%d" % i, timestamp=ts,
-                            headers=[("h", b"x")]) is not None
+        assert (
+            batch.append(
+                key=b"k%d" % i, value=prefix + b"%d" % i, timestamp=ts, headers=[("h", b"x")]
+            )
+            is not None
+        )
     batch.close()
     await (await producer.send_batch(batch, topic, partition=partition))
 
 
-async def test_true_end_offsets_after_batched_produce(settings: Settings, unique: str,
-                                                      producer: AIOKafkaProducer) -> None:
+async def test_true_end_offsets_after_batched_produce(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic = f"offsets-end-{unique}"
     assert await create_topic(settings, topic, 4)
     await produce_batch(producer, topic, 0, [BASE_TS] * 5)
@@ -69,11 +80,16 @@ async def test_true_end_offsets_after_batched_produce(settings: Settings, unique
         naive = await consumer.end_offsets(tps)
     bounds = await offset_bounds(settings, tps)
     assert {tp: (b.begin, b.end, b.count) for tp, b in bounds.items()} == {
-        tp: (0, e, e) for tp, e in expected.items()}
+        tp: (0, e, e) for tp, e in expected.items()
+    }
     assert {tp: b.reported_end for tp, b in bounds.items()} == naive
     # Information only (do not assert the broker bug; it may get fixed):
-    print("ListOffsets(latest) answered", {tp.partition: o for tp, o in naive.items()},
-          "true ends", {tp.partition: o for tp, o in expected.items()})
+    print(
+        "ListOffsets(latest) answered",
+        {tp.partition: o for tp, o in naive.items()},
+        "true ends",
+        {tp.partition: o for tp, o in expected.items()},
+    )
 
 
 def first_at_or_after(timestamps: Sequence[int], target: int) -> int:
@@ -81,8 +97,9 @@ def first_at_or_after(timestamps: Sequence[int], target: int) -> int:
     return next((i for i, ts in enumerate(timestamps) if ts >= target), len(timestamps))
 
 
-async def test_offset_for_timestamp_many_targets(settings: Settings, unique: str,
-                                                 producer: AIOKafkaProducer) -> None:
+async def test_offset_for_timestamp_many_targets(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic = f"offsets-ts-{unique}"
     assert await create_topic(settings, topic, 2)
     rng = random.Random(7)
@@ -95,7 +112,7 @@ async def test_offset_for_timestamp_many_targets(settings: Settings, unique: str
     i = 0
     while i < len(ts0):
         n = rng.randint(1, 17)
-        await produce_batch(producer, topic, 0, ts0[i:i + n])
+        await produce_batch(producer, topic, 0, ts0[i : i + n])
         i += n
     tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
 
@@ -109,29 +126,41 @@ async def test_offset_for_timestamp_many_targets(settings: Settings, unique: str
                 got += [r.timestamp for r in records]
         assert got == ts0
 
-        targets = sorted({BASE_TS - 1, BASE_TS, ts0[0], ts0[-1], ts0[-1] + 1,
-                          *rng.sample(ts0, 25), *(x + 1 for x in rng.sample(ts0, 25)),
-                          *(x - 1 for x in rng.sample(ts0, 10))})
+        targets = sorted(
+            {
+                BASE_TS - 1,
+                BASE_TS,
+                ts0[0],
+                ts0[-1],
+                ts0[-1] + 1,
+                *rng.sample(ts0, 25),
+                *(x + 1 for x in rng.sample(ts0, 25)),
+                *(x - 1 for x in rng.sample(ts0, 10)),
+            }
+        )
         for target in targets:
             want = first_at_or_after(ts0, target)
             assert await offset_for_timestamp(consumer, tp0, target) == want, target
             assert await offset_for_timestamp(consumer, tp0, target, skew_ms=0) == want, target
         # An empty partition answers its end (0), whatever the target.
         assert await offsets_for_timestamp(consumer, [tp0, tp1], ts0[60]) == {
-            tp0: first_at_or_after(ts0, ts0[60]), tp1: 0}
+            tp0: first_at_or_after(ts0, ts0[60]),
+            tp1: 0,
+        }
     # With Settings instead of a consumer.
     assert await offset_for_timestamp(settings, tp0, ts0[-1] + 1) == len(ts0)
 
 
-async def test_offset_for_timestamp_with_mild_disorder(settings: Settings, unique: str,
-                                                       producer: AIOKafkaProducer) -> None:
+async def test_offset_for_timestamp_with_mild_disorder(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     """CreateTime from several producers is out of order by a little: still exact within skew."""
     topic = f"offsets-skew-{unique}"
     assert await create_topic(settings, topic, 1)
     rng = random.Random(11)
     ts = [BASE_TS + i * 100 + rng.randint(-400, 400) for i in range(200)]  # disorder <= 800 ms
     for i in range(0, len(ts), 25):
-        await produce_batch(producer, topic, 0, ts[i:i + 25])
+        await produce_batch(producer, topic, 0, ts[i : i + 25])
     tp = TopicPartition(topic, 0)
     async with open_consumer(settings) as consumer:
         for target in range(BASE_TS - 500, BASE_TS + 20_500, 370):
@@ -145,7 +174,8 @@ async def test_offset_for_timestamp_with_mild_disorder(settings: Settings, uniqu
 
 
 async def test_offsets_for_missing_topic_raise_instead_of_creating_it(
-        settings: Settings, unique: str) -> None:
+    settings: Settings, unique: str
+) -> None:
     missing = TopicPartition(f"missing-{unique}", 0)
     async with open_consumer(settings) as consumer:
         with pytest.raises(TopicNotFoundError, match="does not exist"):
@@ -162,7 +192,6 @@ async def test_offsets_for_missing_topic_raise_instead_of_creating_it(
         await true_end_offsets(settings, [TopicPartition(missing.topic, 5)])
 
 
-
 class KafkaLikeAnswers:
     """A real consumer whose ListOffsets answers are replaced, to drive both code paths."""
 
@@ -174,8 +203,9 @@ class KafkaLikeAnswers:
     def __getattr__(self, name: str) -> object:
         return getattr(self._consumer, name)
 
-    async def offsets_for_times(self, query: dict[TopicPartition, int]) -> dict[
-            TopicPartition, OffsetAndTimestamp | None]:
+    async def offsets_for_times(
+        self, query: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
         self.asked += 1
         out: dict[TopicPartition, OffsetAndTimestamp | None] = {}
         for tp, ts in query.items():
@@ -185,8 +215,8 @@ class KafkaLikeAnswers:
 
 
 async def test_right_broker_answers_are_verified_without_searching(
-        settings: Settings, unique: str, producer: AIOKafkaProducer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, unique: str, producer: AIOKafkaProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On Apache Kafka the broker's answer is right: it is checked, not searched for."""
     import stratamesh.bus.offsets as offsets_mod
 
@@ -194,7 +224,7 @@ async def test_right_broker_answers_are_verified_without_searching(
     assert await create_topic(settings, topic, 1)
     ts = [BASE_TS + 1000 * i for i in range(40)]
     for i in range(0, 40, 8):
-        await produce_batch(producer, topic, 0, ts[i:i + 8])
+        await produce_batch(producer, topic, 0, ts[i : i + 8])
     tp = TopicPartition(topic, 0)
     searches: list[int] = []
     real_search = offsets_mod._search

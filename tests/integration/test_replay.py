@@ -27,20 +27,34 @@ from stratamesh.errors import BrokerError, ConfigError
 
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                         enable_idempotence=False)
+    p = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=False
+    )
     await p.start()
     yield p
     await p.stop()
 
 
-async def produce_batch(producer: AIOKafkaProducer, topic: str, partition: int,
-                        timestamps: Sequence[int], *, tag: bytes = b"",
-                        headers: list[tuple[str, bytes]] | None = None) -> None:
+async def produce_batch(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    timestamps: Sequence[int],
+    *,
+    tag: bytes = b"",
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     batch = producer.create_batch()
     for i, ts in enumerate(timestamps):
-        assert batch.append(key=b"key-%d-%d" % (partition, ts), value=tag + b"%d" % i,
-                            timestamp=ts, headers=headers or [("n", b"%d" % i)]) is not None
+        assert (
+            batch.append(
+                key=b"key-%d-%d" % (partition, ts),
+                value=tag + b"%d" % i,
+                timestamp=ts,
+                headers=headers or [("n", b"%d" % i)],
+            )
+            is not None
+        )
     batch.close()
     await (await producer.send_batch(batch, topic, partition=partition))
 
@@ -55,20 +69,25 @@ async def read_all(settings: Settings, topic: str, partitions: int) -> list[Any]
     return out
 
 
-async def test_reset_to_offset_dry_run_then_execute(settings: Settings, unique: str,
-                                                    producer: AIOKafkaProducer) -> None:
+async def test_reset_to_offset_dry_run_then_execute(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic, group = f"reset-off-{unique}", f"svc-{unique}"
     await create_topic(settings, topic, 3)
     now = int(time.time() * 1000)
     await produce_batch(producer, topic, 0, [now] * 6)
     await produce_batch(producer, topic, 0, [now] * 4)
     await produce_batch(producer, topic, 1, [now] * 3)
-    await commit_offsets(settings, group, {TopicPartition(topic, 0): 10,
-                                           TopicPartition(topic, 1): 3})
+    await commit_offsets(
+        settings, group, {TopicPartition(topic, 0): 10, TopicPartition(topic, 1): 3}
+    )
 
     plan = await plan_reset(settings, group, topic, to_offset=5)
     assert [(r.partition, r.current, r.target, r.end) for r in plan.rows] == [
-        (0, 10, 5, 10), (1, 3, 3, 3), (2, None, 0, 0)]  # clamped into [begin, true end]
+        (0, 10, 5, 10),
+        (1, 3, 3, 3),
+        (2, None, 0, 0),
+    ]  # clamped into [begin, true end]
     assert plan.rows[0].lag_before == 0 and plan.rows[0].lag_after == 5
     assert not plan.executed
     assert await group_offsets(settings, group, topic) == {0: 10, 1: 3, 2: None}  # dry run
@@ -78,8 +97,12 @@ async def test_reset_to_offset_dry_run_then_execute(settings: Settings, unique: 
     assert await group_offsets(settings, group, topic) == {0: 5, 1: 3, 2: 0}
 
     # A consumer of the group now starts where the reset put it.
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group,
-                                enable_auto_commit=False, fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+    )
     await consumer.start()
     try:
         tp0 = TopicPartition(topic, 0)
@@ -92,8 +115,9 @@ async def test_reset_to_offset_dry_run_then_execute(settings: Settings, unique: 
     assert latest.targets == {0: 10}
     shifted = await plan_reset(settings, group, topic, shift_by=-4)
     assert shifted.targets == {0: 6, 1: 0, 2: 0}
-    earliest = await execute_plan(settings, await plan_reset(
-        settings, group, topic, to_offset={1: 1}))
+    earliest = await execute_plan(
+        settings, await plan_reset(settings, group, topic, to_offset={1: 1})
+    )
     assert earliest.targets == {1: 1}
     assert await group_offsets(settings, group, topic) == {0: 10, 1: 1, 2: 0}
 
@@ -105,15 +129,16 @@ async def test_reset_to_offset_dry_run_then_execute(settings: Settings, unique: 
         await plan_reset(settings, group, topic, to_earliest=True, partitions=[7])
 
 
-async def test_reset_by_datetime_and_duration(settings: Settings, unique: str,
-                                              producer: AIOKafkaProducer) -> None:
+async def test_reset_by_datetime_and_duration(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic, group = f"reset-time-{unique}", f"svc-{unique}"
     await create_topic(settings, topic, 2)
     now = int(time.time() * 1000)
     # Partition 0: one record every 10 s over the last 200 s, in batches of 5.
     ts0 = [now - 200_000 + 10_000 * i for i in range(20)]
     for i in range(0, 20, 5):
-        await produce_batch(producer, topic, 0, ts0[i:i + 5])
+        await produce_batch(producer, topic, 0, ts0[i : i + 5])
     # Partition 1: everything is older than the targets.
     await produce_batch(producer, topic, 1, [now - 300_000] * 4)
 
@@ -122,7 +147,9 @@ async def test_reset_by_datetime_and_duration(settings: Settings, unique: str,
     assert plan.targets == {0: 11, 1: 4}
     naive_local = when.astimezone().replace(tzinfo=None)  # naive = local time
     assert (await plan_reset(settings, group, topic, to_datetime=naive_local)).targets == {
-        0: 11, 1: 4}
+        0: 11,
+        1: 4,
+    }
 
     # now - 55 s lies between records 14 (now - 60 s) and 15 (now - 50 s): 5 s margin each way.
     by = await execute_reset(settings, group, topic, by_duration=timedelta(seconds=55))
@@ -132,17 +159,23 @@ async def test_reset_by_datetime_and_duration(settings: Settings, unique: str,
     assert far.targets == {0: 0, 1: 0}
 
 
-async def test_reset_refused_while_the_group_is_running(settings: Settings, unique: str,
-                                                        producer: AIOKafkaProducer) -> None:
+async def test_reset_refused_while_the_group_is_running(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic, group = f"reset-live-{unique}", f"svc-{unique}"
     await create_topic(settings, topic, 2)
     await produce_batch(producer, topic, 0, [int(time.time() * 1000)] * 5)
     await commit_offsets(settings, group, {TopicPartition(topic, 0): 5})
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
-                                group_id=group, enable_auto_commit=False,
-                                session_timeout_ms=3000, heartbeat_interval_ms=500,
-                                fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+        fetch_max_wait_ms=50,
+    )
     await consumer.start()
     try:
         deadline = time.monotonic() + 15
@@ -168,15 +201,22 @@ async def test_reset_refused_while_the_group_is_running(settings: Settings, uniq
     assert done.executed and await group_offsets(settings, group, topic) == {0: 0, 1: 0}
 
 
-async def test_copy_range_into_shadow_is_byte_identical(settings: Settings, unique: str,
-                                                        producer: AIOKafkaProducer) -> None:
+async def test_copy_range_into_shadow_is_byte_identical(
+    settings: Settings, unique: str, producer: AIOKafkaProducer
+) -> None:
     topic = f"requests-{unique}"
     await create_topic(settings, topic, 3)
     now = int(time.time() * 1000)
-    signed = [("strata-event-id", b"e1"), ("strata-signature", bytes(range(64))),
-              ("dup", b"a"), ("dup", b"b"), (hdr.REPLAY, b"older-replay")]
-    await produce_batch(producer, topic, 0, [now - 10_000 + i * 1000 for i in range(6)],
-                        headers=signed)
+    signed = [
+        ("strata-event-id", b"e1"),
+        ("strata-signature", bytes(range(64))),
+        ("dup", b"a"),
+        ("dup", b"b"),
+        (hdr.REPLAY, b"older-replay"),
+    ]
+    await produce_batch(
+        producer, topic, 0, [now - 10_000 + i * 1000 for i in range(6)], headers=signed
+    )
     await produce_batch(producer, topic, 0, [now - 4_000 + i * 1000 for i in range(3)])
     await produce_batch(producer, topic, 2, [now - 10_000 + i * 1000 for i in range(4)])
 
@@ -209,8 +249,12 @@ async def test_copy_range_into_shadow_is_byte_identical(settings: Settings, uniq
     # p0: records at -10..-5 s (offsets 0-5) then -4..-2 s (6-8): [-7.5 s, -2.5 s) = 3..7
     assert by_time.ranges == {0: (3, 8), 1: (0, 0), 2: (3, 4)}
     assert by_time.total == 6
-    ids = {h for r in await read_all(settings, f"audit-{unique}", 3)
-           for k, h in r.headers if k == hdr.REPLAY}
+    ids = {
+        h
+        for r in await read_all(settings, f"audit-{unique}", 3)
+        for k, h in r.headers
+        if k == hdr.REPLAY
+    }
     assert ids == {by_time.replay_id.encode()}
 
     with pytest.raises(ConfigError, match="already a shadow"):

@@ -27,8 +27,9 @@ def foreign_imports(services_dir: Path) -> list[str]:
                 parts = name.split(".")
                 if name.startswith("<relative"):
                     problems.append(f"{path.name}: {name}")
-                elif (parts[:2] == ["stratamesh", "services"] and len(parts) > 2 \
-                        and parts[2] != own) or parts[0] == "services":
+                elif (
+                    parts[:2] == ["stratamesh", "services"] and len(parts) > 2 and parts[2] != own
+                ) or parts[0] == "services":
                     problems.append(f"{path.relative_to(services_dir)}: {name}")
     return problems
 
@@ -42,10 +43,12 @@ def test_the_checker_catches_violations(tmp_path: Path) -> None:
     (tmp_path / "route").mkdir()
     (tmp_path / "guard" / "ok.py").write_text(
         "from stratamesh.bus import Service\nfrom stratamesh.services.guard import x\n"
-        "from . import sibling\n")
+        "from . import sibling\n"
+    )
     (tmp_path / "route" / "bad.py").write_text(
         "import stratamesh.services.guard.app\nfrom services.guard import y\n"
-        "from ..guard import z\n")
+        "from ..guard import z\n"
+    )
     found = foreign_imports(tmp_path)
     assert len(found) == 3 and all(f.startswith("route") or "relative" in f for f in found)
 
@@ -59,6 +62,7 @@ def test_library_never_imports_services() -> None:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                    "stratamesh.services"):
+                "stratamesh.services"
+            ):
                 offenders.append(str(path))
     assert offenders == []

@@ -11,7 +11,7 @@ from stratamesh.bus.service import Service
 from stratamesh.bus.testing import MemoryMesh
 from stratamesh.errors import Transient
 from stratamesh.events import InferenceRequested, RequestAdmitted
-from tests.factories import make_event
+from stratamesh.events.testing import sample_event
 
 
 def _guard(seen: list[Any], fail_times: int = 0) -> Service:
@@ -24,9 +24,15 @@ def _guard(seen: list[Any], fail_times: int = 0) -> Service:
             failures["left"] -= 1
             raise Transient("flaky")
         seen.append((event, ctx.tenant, ctx.attempt))
-        ctx.publish(make_event(RequestAdmitted, event_id=ctx.derive_id(),
-                               request_id=event.request_id, tenant=ctx.tenant),
-                    next_stage=T.Stage.ROUTE)
+        ctx.publish(
+            sample_event(
+                RequestAdmitted,
+                event_id=ctx.derive_id(),
+                request_id=event.request_id,
+                tenant=ctx.tenant,
+            ),
+            next_stage=T.Stage.ROUTE,
+        )
 
     return svc
 
@@ -35,7 +41,7 @@ async def test_handler_outputs_carry_derived_ids_trace_and_next_stage() -> None:
     seen: list[Any] = []
     mesh = MemoryMesh(_guard(seen))
     client = mesh.client("web", tenant="acme")
-    ingress = await mesh.publish(make_event(InferenceRequested, tenant="spoofed"), as_=client)
+    ingress = await mesh.publish(sample_event(InferenceRequested, tenant="spoofed"), as_=client)
     await mesh.run_until_idle()
     assert [(e.tenant, t) for e, t, _ in seen] == [("acme", "acme")]
     [out] = mesh.topics[T.REQUESTS_ADMITTED]
@@ -52,14 +58,14 @@ async def test_retries_then_succeeds_and_exhaustion_dead_letters() -> None:
     seen: list[Any] = []
     mesh = MemoryMesh(_guard(seen, fail_times=2))
     client = mesh.client("web", tenant="acme")
-    await mesh.publish(make_event(InferenceRequested), as_=client)
+    await mesh.publish(sample_event(InferenceRequested), as_=client)
     await mesh.run_until_idle()
     assert [a for *_, a in seen] == [3]
 
     seen2: list[Any] = []
     mesh2 = MemoryMesh(_guard(seen2, fail_times=5))
     client2 = mesh2.client("web", tenant="acme")
-    await mesh2.publish(make_event(InferenceRequested), as_=client2)
+    await mesh2.publish(sample_event(InferenceRequested), as_=client2)
     await mesh2.run_until_idle()
     assert seen2 == []
     [(_, _, outcome)] = mesh2.outcomes
@@ -71,10 +77,10 @@ async def test_duplicates_and_other_stages_are_skipped() -> None:
     seen: list[Any] = []
     mesh = MemoryMesh(_guard(seen))
     client = mesh.client("web", tenant="acme")
-    event = make_event(InferenceRequested)
+    event = sample_event(InferenceRequested)
     await mesh.publish(event, as_=client)
     await mesh.publish(event, as_=client)
-    await mesh.publish(make_event(InferenceRequested), as_=client, next_stage="judge")
+    await mesh.publish(sample_event(InferenceRequested), as_=client, next_stage="judge")
     await mesh.run_until_idle()
     outcomes = [o for *_, o in mesh.outcomes]
     assert isinstance(outcomes[0], Handled)

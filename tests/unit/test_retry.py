@@ -46,8 +46,11 @@ def test_classification_is_data() -> None:
     assert classify(TimeoutError()).retryable
     assert classify(ConnectionResetError()).retryable
     assert classify(RuntimeError("bug or blip")).retryable
-    for exc, failure in [(Poison("x"), FailureClass.POISON), (DecodeError("x"),
-                         FailureClass.POISON), (ValueError("x"), FailureClass.POISON),
-                         (SignatureError("x"), FailureClass.SECURITY)]:
+    for exc, failure in [
+        (Poison("x"), FailureClass.POISON),
+        (DecodeError("x"), FailureClass.POISON),
+        (ValueError("x"), FailureClass.POISON),
+        (SignatureError("x"), FailureClass.SECURITY),
+    ]:
         v = classify(exc)
         assert not v.retryable and v.failure is failure

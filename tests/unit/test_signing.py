@@ -61,8 +61,9 @@ def test_any_signed_header_change_breaks_the_signature() -> None:
     with pytest.raises(SignatureError):
         verify_record(ring, "guard", leaf_hash(b"k2", b"v", hdrs), sig)
     # headers outside the signature (attempt, replay, DLT) do not matter
-    verify_record(ring, "guard", leaf_hash(b"k", b"v", {**hdrs, H.ATTEMPT: b"3",
-                                                         H.REPLAY: b"r1"}), sig)
+    verify_record(
+        ring, "guard", leaf_hash(b"k", b"v", {**hdrs, H.ATTEMPT: b"3", H.REPLAY: b"r1"}), sig
+    )
 
 
 def test_absent_and_empty_header_differ() -> None:

@@ -14,21 +14,40 @@ def test_traceparent_round_trip_and_child() -> None:
     assert child.trace_id == ctx.trace_id and child.span_id != ctx.span_id
 
 
-@pytest.mark.parametrize("bad", [
-    None, b"", b"garbage", "01-abc",
-    b"00-" + b"0" * 32 + b"-" + b"1" * 16 + b"-01",
-    b"00-" + b"g" * 32 + b"-" + b"1" * 16 + b"-01",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        b"",
+        b"garbage",
+        "01-abc",
+        b"00-" + b"0" * 32 + b"-" + b"1" * 16 + b"-01",
+        b"00-" + b"g" * 32 + b"-" + b"1" * 16 + b"-01",
+    ],
+)
 def test_malformed_traceparent_is_ignored(bad: bytes | str | None) -> None:
     assert TraceContext.parse(bad) is None
 
 
 def test_registry_covers_design_and_has_dlq_twins() -> None:
     names = {t.name for t in topics.TOPICS}
-    assert {"docs.submitted", "docs.chunked", "docs.embedded", "docs.indexed", "docs.rejected",
-            "requests.submitted", "requests.admitted", "requests.routed", "requests.embedded",
-            "requests.retrieved", "inference.completed", "requests.decided", "requests.judged",
-            "results", "reviews.pending"} <= names
+    assert {
+        "docs.submitted",
+        "docs.chunked",
+        "docs.embedded",
+        "docs.indexed",
+        "docs.rejected",
+        "requests.submitted",
+        "requests.admitted",
+        "requests.routed",
+        "requests.embedded",
+        "requests.retrieved",
+        "inference.completed",
+        "requests.decided",
+        "requests.judged",
+        "results",
+        "reviews.pending",
+    } <= names
     assert len(topics.ALL_TOPICS) == 2 * len(topics.TOPICS)
     assert all(t.dlq in topics.ALL_TOPICS for t in topics.TOPICS)
     assert len({t.event_type for t in topics.TOPICS}) == len(topics.TOPICS)

@@ -148,8 +148,7 @@ async def _leaders(admin: Any) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for t in metadata.to_object()["topics"]:
         if t["error_code"] == 0:
-            out[str(t["topic"])] = {int(p["partition"]): int(p["leader"])
-                                    for p in t["partitions"]}
+            out[str(t["topic"])] = {int(p["partition"]): int(p["leader"]) for p in t["partitions"]}
     return out
 
 
@@ -161,8 +160,11 @@ async def list_topics(settings: Settings, *, include_internal: bool = False) -> 
     """Every topic with its partition count, sorted by name (``__*`` topics hidden)."""
     async with open_admin(settings) as admin:
         counts = await _topic_partition_counts(admin)
-    return {name: counts[name] for name in sorted(counts)
-            if include_internal or not name.startswith("__")}
+    return {
+        name: counts[name]
+        for name in sorted(counts)
+        if include_internal or not name.startswith("__")
+    }
 
 
 async def _create(admin: Any, topics: Sequence[NewTopic]) -> dict[str, bool]:
@@ -184,8 +186,9 @@ async def _create(admin: Any, topics: Sequence[NewTopic]) -> dict[str, bool]:
     return out
 
 
-def _new_topic(name: str, partitions: int, replication_factor: int,
-               configs: Mapping[str, str] | None) -> NewTopic:
+def _new_topic(
+    name: str, partitions: int, replication_factor: int, configs: Mapping[str, str] | None
+) -> NewTopic:
     if partitions < 1:
         raise ConfigError(f"topic {name!r} needs at least one partition, not {partitions}")
     if replication_factor < 1:
@@ -193,9 +196,13 @@ def _new_topic(name: str, partitions: int, replication_factor: int,
     return NewTopic(name, partitions, replication_factor, topic_configs=dict(configs or {}))
 
 
-async def ensure_topics(settings: Settings, names: Iterable[str] | None = None, *,
-                        partitions: int | None = None,
-                        replication_factor: int = 1) -> dict[str, bool]:
+async def ensure_topics(
+    settings: Settings,
+    names: Iterable[str] | None = None,
+    *,
+    partitions: int | None = None,
+    replication_factor: int = 1,
+) -> dict[str, bool]:
     """Create the registry topics and their DLQ twins (default: ``ALL_TOPICS``), idempotently.
 
     Partitions: ``partitions`` if given, else ``settings.topic_partitions``, else the
@@ -214,28 +221,39 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None, 
             spec = None
         count = partitions or settings.topic_partitions or (spec.partitions if spec else None)
         if count is None:
-            raise ConfigError(
-                f"{name!r} is not a registry topic: give its partition count"
-            )
+            raise ConfigError(f"{name!r} is not a registry topic: give its partition count")
         configs = {"retention.ms": str(spec.retention_ms)} if spec else {}
         specs[name] = (count, configs)
     async with open_admin(settings) as admin:
         existing = await _topic_partition_counts(admin)
         result = {name: False for name in wanted if name in existing}
-        differ = {name: f"{existing[name]} (wanted {specs[name][0]})" for name in result
-                  if existing[name] != specs[name][0]}
+        differ = {
+            name: f"{existing[name]} (wanted {specs[name][0]})"
+            for name in result
+            if existing[name] != specs[name][0]
+        }
         if differ:
-            log.warning("topics exist with another partition count; left as they are",
-                        topics=differ)
-        todo = [_new_topic(name, specs[name][0], replication_factor, specs[name][1])
-                for name in wanted if name not in existing]
+            log.warning(
+                "topics exist with another partition count; left as they are", topics=differ
+            )
+        todo = [
+            _new_topic(name, specs[name][0], replication_factor, specs[name][1])
+            for name in wanted
+            if name not in existing
+        ]
         result.update(await _create(admin, todo))
     return {name: result[name] for name in wanted}
 
 
-async def create_topic(settings: Settings, name: str, partitions: int, *,
-                       replication_factor: int = 1, retention_ms: int | None = None,
-                       configs: Mapping[str, str] | None = None) -> bool:
+async def create_topic(
+    settings: Settings,
+    name: str,
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    retention_ms: int | None = None,
+    configs: Mapping[str, str] | None = None,
+) -> bool:
     """Create one topic; True if created now, False if it existed already."""
     all_configs = dict(configs or {})
     if retention_ms is not None:
@@ -243,13 +261,15 @@ async def create_topic(settings: Settings, name: str, partitions: int, *,
     async with open_admin(settings) as admin:
         if name in await _topic_partition_counts(admin):
             return False
-        created = await _create(admin, [_new_topic(name, partitions, replication_factor,
-                                                   all_configs)])
+        created = await _create(
+            admin, [_new_topic(name, partitions, replication_factor, all_configs)]
+        )
     return created.get(name, False)
 
 
-async def create_shadow_topic(settings: Settings, source: str, *, name: str | None = None,
-                              replication_factor: int = 1) -> tuple[str, int]:
+async def create_shadow_topic(
+    settings: Settings, source: str, *, name: str | None = None, replication_factor: int = 1
+) -> tuple[str, int]:
     """Create ``shadow.<source>`` (or ``name``) with the source's partition count.
 
     Idempotent.  Returns (name, partitions).  Raises :class:`BrokerError` if the target
@@ -350,18 +370,23 @@ async def _describe_once(admin: Any, group: str, coordinator: int) -> GroupDescr
             if code:
                 raise BrokerError(f"cannot describe consumer group {group!r}: error {code}")
             members = tuple(
-                GroupMember(str(m["member_id"]), str(m.get("client_id") or ""),
-                            str(m.get("client_host") or ""),
-                            _decode_assignment(m.get("member_assignment") or b""))
+                GroupMember(
+                    str(m["member_id"]),
+                    str(m.get("client_id") or ""),
+                    str(m.get("client_host") or ""),
+                    _decode_assignment(m.get("member_assignment") or b""),
+                )
                 for m in g["members"]
             )
-            return GroupDescription(group, str(g.get("state") or ""),
-                                    str(g.get("protocol_type") or ""), members)
+            return GroupDescription(
+                group, str(g.get("state") or ""), str(g.get("protocol_type") or ""), members
+            )
     return GroupDescription(group, "Dead", "", ())
 
 
-async def describe_group(settings: Settings, group: str, *, refresh: bool = True
-                         ) -> GroupDescription:
+async def describe_group(
+    settings: Settings, group: str, *, refresh: bool = True
+) -> GroupDescription:
     """State and members of a consumer group (no members: nobody consumes with it now).
 
     With ``refresh`` (default) members whose session timed out are expired first, so a
@@ -400,8 +425,9 @@ async def list_groups(settings: Settings) -> list[str]:
     return sorted({str(g[0]) for g in groups})
 
 
-async def _committed(admin: Any, group: str, tps: Sequence[TopicPartition]
-                     ) -> dict[TopicPartition, tuple[int | None, str]]:
+async def _committed(
+    admin: Any, group: str, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, tuple[int | None, str]]:
     """Committed (offset or None, metadata) per partition; partitions always passed explicitly."""
     if not tps:
         return {}
@@ -414,8 +440,9 @@ async def _committed(admin: Any, group: str, tps: Sequence[TopicPartition]
     return out
 
 
-async def committed_offsets(settings: Settings, group: str, partitions: Iterable[TopicPartition]
-                            ) -> dict[TopicPartition, tuple[int | None, str]]:
+async def committed_offsets(
+    settings: Settings, group: str, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, tuple[int | None, str]]:
     """Committed (offset or None, metadata) of ``group`` per partition (Tansu keeps no metadata)."""
     tps = list(dict.fromkeys(partitions))
     async with open_admin(settings) as admin:
@@ -453,8 +480,10 @@ async def consumer_lag(settings: Settings, group: str, topic_name: str) -> dict[
     """partition → committed offset, true end and lag of ``group`` on ``topic_name``."""
     committed = await group_offsets(settings, group, topic_name)
     bounds = await offset_bounds(settings, [TopicPartition(topic_name, p) for p in committed])
-    return {tp.partition: PartitionLag(tp.partition, committed[tp.partition], b.begin, b.end)
-            for tp, b in bounds.items()}
+    return {
+        tp.partition: PartitionLag(tp.partition, committed[tp.partition], b.begin, b.end)
+        for tp, b in bounds.items()
+    }
 
 
 # --------------------------------------------------------------------------- describe
@@ -487,8 +516,9 @@ class TopicDescription:
         return sum(p.count for p in self.partitions)
 
 
-async def describe_topic(settings: Settings, name: str, *, groups: Sequence[str] | None = None,
-                         all_groups: bool = False) -> TopicDescription:
+async def describe_topic(
+    settings: Settings, name: str, *, groups: Sequence[str] | None = None, all_groups: bool = False
+) -> TopicDescription:
     """Partitions with true end offsets, the registry spec, the DLQ twin and, if asked,
     committed offsets and lag of ``groups`` (or of every group that committed on the topic)."""
     async with open_admin(settings) as admin:
@@ -515,13 +545,24 @@ async def describe_topic(settings: Settings, name: str, *, groups: Sequence[str]
     for g, offsets in committed.items():
         if all_groups and g not in (groups or ()) and all(o is None for o, _ in offsets.values()):
             continue
-        lags[g] = tuple(PartitionLag(tp.partition, offsets[tp][0], bounds[tp].begin,
-                                     bounds[tp].end) for tp in tps)
+        lags[g] = tuple(
+            PartitionLag(tp.partition, offsets[tp][0], bounds[tp].begin, bounds[tp].end)
+            for tp in tps
+        )
     return TopicDescription(
         name=name,
-        partitions=tuple(PartitionDescription(tp.partition, bounds[tp].begin, bounds[tp].end,
-                                              bounds[tp].reported_end, leaders.get(tp.partition))
-                         for tp in tps),
-        spec=spec, dlq=dlq, dlq_exists=dlq is not None and dlq in counts, groups=lags,
+        partitions=tuple(
+            PartitionDescription(
+                tp.partition,
+                bounds[tp].begin,
+                bounds[tp].end,
+                bounds[tp].reported_end,
+                leaders.get(tp.partition),
+            )
+            for tp in tps
+        ),
+        spec=spec,
+        dlq=dlq,
+        dlq_exists=dlq is not None and dlq in counts,
+        groups=lags,
     )
-

@@ -141,9 +141,16 @@ class DlqRecord:
     @classmethod
     def from_record(cls, record: Any) -> DlqRecord:
         headers = tuple((str(k), bytes(v)) for k, v in (record.headers or ()))
-        return cls(topic=record.topic, partition=record.partition, offset=record.offset,
-                   timestamp=record.timestamp, key=record.key, value=record.value,
-                   headers=headers, dlt=DltHeaders.from_headers(headers))
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp=record.timestamp,
+            key=record.key,
+            value=record.value,
+            headers=headers,
+            dlt=DltHeaders.from_headers(headers),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +178,7 @@ def _parse_ledger(metadata: str) -> set[int]:
     if not metadata.startswith(_LEDGER_PREFIX):
         return set()
     done: set[int] = set()
-    for part in metadata[len(_LEDGER_PREFIX):].split(","):
+    for part in metadata[len(_LEDGER_PREFIX) :].split(","):
         with contextlib.suppress(ValueError):
             lo, _, hi = part.partition("-")
             done.update(range(int(lo), int(hi or lo) + 1))
@@ -194,18 +201,25 @@ def _format_ledger(done: Iterable[int]) -> str:
     return _LEDGER_PREFIX + ",".join(runs)
 
 
-async def _dlq_partitions(settings: Settings, name: str) -> tuple[list[TopicPartition],
-                                                                   dict[str, int]]:
+async def _dlq_partitions(
+    settings: Settings, name: str
+) -> tuple[list[TopicPartition], dict[str, int]]:
     counts = await list_topics(settings, include_internal=True)
     if name not in counts:
-        raise TopicNotFoundError(f"dead-letter topic {name!r} does not exist (nothing failed "
-                                 "there yet, or the topics were not created)")
+        raise TopicNotFoundError(
+            f"dead-letter topic {name!r} does not exist (nothing failed "
+            "there yet, or the topics were not created)"
+        )
     return [TopicPartition(name, p) for p in range(counts[name])], counts
 
 
-async def list_dlq(settings: Settings, topic_name: str | None = None, *,
-                   scan_limit: int = 1_000,
-                   redrive_group: str = DEFAULT_REDRIVE_GROUP) -> list[DlqSummary]:
+async def list_dlq(
+    settings: Settings,
+    topic_name: str | None = None,
+    *,
+    scan_limit: int = 1_000,
+    redrive_group: str = DEFAULT_REDRIVE_GROUP,
+) -> list[DlqSummary]:
     """Every DLQ topic (or the one of ``topic_name``) with counts and a failure summary.
 
     The summary reads the headers of at most ``scan_limit`` of the newest records per topic.
@@ -227,8 +241,10 @@ async def list_dlq(settings: Settings, topic_name: str | None = None, *,
         for name in names:
             tps = [tp for tp in all_tps if tp.topic == name]
             per_partition = math.ceil(scan_limit / len(tps)) if scan_limit > 0 else 0
-            ranges = {tp: (max(bounds[tp].begin, bounds[tp].end - per_partition), bounds[tp].end)
-                      for tp in tps}
+            ranges = {
+                tp: (max(bounds[tp].begin, bounds[tp].end - per_partition), bounds[tp].end)
+                for tp in tps
+            }
             classes: Counter[str] = Counter()
             services: Counter[str] = Counter()
             originals: Counter[str] = Counter()
@@ -246,20 +262,33 @@ async def list_dlq(settings: Settings, topic_name: str | None = None, *,
                 offset, metadata = committed[tp]
                 b = bounds[tp]
                 start = b.begin if offset is None else min(max(offset, b.begin), b.end)
-                pending += b.end - start - len({o for o in _parse_ledger(metadata)
-                                                if start <= o < b.end})
-            out.append(DlqSummary(
-                topic=name, partitions=len(tps), records=sum(bounds[tp].count for tp in tps),
-                pending=pending, failure_classes=dict(classes.most_common()),
-                services=dict(services.most_common()),
-                original_topics=dict(originals.most_common()), scanned=scanned,
-                newest_timestamp=newest,
-            ))
+                pending += (
+                    b.end - start - len({o for o in _parse_ledger(metadata) if start <= o < b.end})
+                )
+            out.append(
+                DlqSummary(
+                    topic=name,
+                    partitions=len(tps),
+                    records=sum(bounds[tp].count for tp in tps),
+                    pending=pending,
+                    failure_classes=dict(classes.most_common()),
+                    services=dict(services.most_common()),
+                    original_topics=dict(originals.most_common()),
+                    scanned=scanned,
+                    newest_timestamp=newest,
+                )
+            )
     return out
 
 
-async def read_dlq(settings: Settings, topic_name: str, offset: int | None = None, *,
-                   limit: int = 100, partition: int | None = None) -> list[DlqRecord]:
+async def read_dlq(
+    settings: Settings,
+    topic_name: str,
+    offset: int | None = None,
+    *,
+    limit: int = 100,
+    partition: int | None = None,
+) -> list[DlqRecord]:
     """Up to ``limit`` records of a DLQ (``topic_name`` may be the DLQ or its source topic).
 
     Reads ``partition`` (default: every partition, in partition order) from ``offset``
@@ -312,8 +341,9 @@ class RedriveResult:
         return sum(self.redriven.values())
 
 
-def _selection(offsets: Sequence[int | tuple[int, int]], tps: list[TopicPartition], name: str
-               ) -> dict[TopicPartition, set[int]]:
+def _selection(
+    offsets: Sequence[int | tuple[int, int]], tps: list[TopicPartition], name: str
+) -> dict[TopicPartition, set[int]]:
     chosen: dict[TopicPartition, set[int]] = {}
     for ref in offsets:
         if isinstance(ref, tuple):
@@ -341,11 +371,15 @@ def _runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
-async def redrive(settings: Settings, dlq_topic: str,
-                  offsets: Sequence[int | tuple[int, int]] | None = None, *,
-                  all: bool = True,  # the CLI's word; shadows the builtin here only
-                  group: str = DEFAULT_REDRIVE_GROUP,
-                  dry_run: bool = False) -> RedriveResult:
+async def redrive(
+    settings: Settings,
+    dlq_topic: str,
+    offsets: Sequence[int | tuple[int, int]] | None = None,
+    *,
+    all: bool = True,  # the CLI's word; shadows the builtin here only
+    group: str = DEFAULT_REDRIVE_GROUP,
+    dry_run: bool = False,
+) -> RedriveResult:
     """Re-publish dead-lettered records to their original topic, byte-identical.
 
     ``offsets``: the DLQ records to redrive, as ``(partition, offset)`` (a bare offset is
@@ -427,10 +461,15 @@ async def redrive(settings: Settings, dlq_topic: str,
                         result.redriven[topic_name] = result.redriven.get(topic_name, 0) + 1
                         redriven_here.add(r.offset)
                         if producer is not None:
-                            futures.append(await producer.send(
-                                topic_name, value=r.value, key=r.key, partition=part,
-                                headers=original_headers(r.headers or ()),
-                            ))
+                            futures.append(
+                                await producer.send(
+                                    topic_name,
+                                    value=r.value,
+                                    key=r.key,
+                                    partition=part,
+                                    headers=original_headers(r.headers or ()),
+                                )
+                            )
                     if futures:
                         async with broker_errors(settings, "redriving"):
                             await asyncio.gather(*futures)
@@ -448,8 +487,14 @@ async def redrive(settings: Settings, dlq_topic: str,
                 next_start = start[tp]
                 while next_start in ledger:
                     next_start += 1
-                await _commit(settings, committer, tp, next_start,
-                              {o for o in ledger if o > next_start}, result=result)
+                await _commit(
+                    settings,
+                    committer,
+                    tp,
+                    next_start,
+                    {o for o in ledger if o > next_start},
+                    result=result,
+                )
 
     if not dry_run and offsets is not None:
         await _check_ledger(settings, group, tps, result)
@@ -460,19 +505,26 @@ def _route(record: Any, counts: dict[str, int]) -> tuple[str, int | None] | Skip
     dlt = DltHeaders.from_headers(record.headers or ())
     target = dlt.original_topic
     if not target:
-        return SkippedRecord(record.partition, record.offset,
-                             f"no {hdr.DLT_ORIGINAL_TOPIC} header")
+        return SkippedRecord(record.partition, record.offset, f"no {hdr.DLT_ORIGINAL_TOPIC} header")
     if target not in counts:
-        return SkippedRecord(record.partition, record.offset,
-                             f"original topic {target!r} does not exist")
+        return SkippedRecord(
+            record.partition, record.offset, f"original topic {target!r} does not exist"
+        )
     part = dlt.original_partition
     if part is None or not 0 <= part < counts[target]:
         part = None
     return target, part
 
 
-async def _commit(settings: Settings, committer: Any, tp: TopicPartition, offset: int,
-                  ledger: set[int], *, result: RedriveResult) -> None:
+async def _commit(
+    settings: Settings,
+    committer: Any,
+    tp: TopicPartition,
+    offset: int,
+    ledger: set[int],
+    *,
+    result: RedriveResult,
+) -> None:
     from aiokafka.structs import OffsetAndMetadata
 
     metadata = _format_ledger(ledger)
@@ -487,8 +539,9 @@ async def _commit(settings: Settings, committer: Any, tp: TopicPartition, offset
     result.committed[tp.partition] = offset
 
 
-async def _check_ledger(settings: Settings, group: str, tps: list[TopicPartition],
-                        result: RedriveResult) -> None:
+async def _check_ledger(
+    settings: Settings, group: str, tps: list[TopicPartition], result: RedriveResult
+) -> None:
     """Warn when the broker dropped the commit metadata that lists records redriven by offset."""
     back = await committed_offsets(settings, group, tps)
     for tp in tps:
@@ -504,4 +557,3 @@ async def _check_ledger(settings: Settings, group: str, tps: list[TopicPartition
                 "redrive (harmless: handlers are idempotent by event id)"
             )
             return
-

@@ -29,7 +29,9 @@ def describe_record(record: Any, codec: Codec) -> dict[str, Any]:
         else:
             headers[k] = v.decode("utf-8", "replace")
     view: dict[str, Any] = {
-        "topic": record.topic, "partition": record.partition, "offset": record.offset,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
         "timestamp": record.timestamp,
         "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
         "headers": headers,
@@ -42,9 +44,15 @@ def describe_record(record: Any, codec: Codec) -> dict[str, Any]:
     return view
 
 
-async def tail_records(settings: Settings, topic_name: str, *, from_beginning: bool = False,
-                       follow: bool = False, limit: int | None = None,
-                       idle_ms: int = 1000) -> AsyncIterator[dict[str, Any]]:
+async def tail_records(
+    settings: Settings,
+    topic_name: str,
+    *,
+    from_beginning: bool = False,
+    follow: bool = False,
+    limit: int | None = None,
+    idle_ms: int = 1000,
+) -> AsyncIterator[dict[str, Any]]:
     """Yield records of every partition of ``topic_name`` (no consumer group, nothing committed).
 
     Without ``follow`` it stops once every partition reached the end it had at the start.
@@ -55,8 +63,9 @@ async def tail_records(settings: Settings, topic_name: str, *, from_beginning: b
         await consumer.start()
     except Exception as exc:
         await consumer.stop()
-        raise BrokerError(f"cannot reach the broker at {settings.bootstrap_servers}: {exc}") \
-            from exc
+        raise BrokerError(
+            f"cannot reach the broker at {settings.bootstrap_servers}: {exc}"
+        ) from exc
     try:
         partitions = consumer.partitions_for_topic(topic_name)
         if not partitions:
@@ -69,8 +78,7 @@ async def tail_records(settings: Settings, topic_name: str, *, from_beginning: b
         else:
             for tp in tps:
                 consumer.seek(tp, ends[tp])
-        remaining = {tp for tp in tps
-                     if from_beginning and ends[tp] > await consumer.position(tp)}
+        remaining = {tp for tp in tps if from_beginning and ends[tp] > await consumer.position(tp)}
         count = 0
         idle = 0
         while follow or remaining:

@@ -87,8 +87,9 @@ class InRecord(Protocol):
 class Context:
     """What a handler knows about the record it handles, and how it publishes."""
 
-    def __init__(self, pipeline: Pipeline, record: InRecord, envelope: Envelope,
-                 attempt: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, record: InRecord, envelope: Envelope, attempt: int
+    ) -> None:
         self._pipeline = pipeline
         self.record = record
         self.envelope = envelope
@@ -117,8 +118,14 @@ class Context:
         """The id of this handler's ``index``-th output: the same on every redelivery."""
         return derived_event_id(self.event_id, self._pipeline.service, index)
 
-    def publish(self, event: Event, *, topic_name: str | None = None,
-                next_stage: str | None = None, deadline_ms: int | None = None) -> None:
+    def publish(
+        self,
+        event: Event,
+        *,
+        topic_name: str | None = None,
+        next_stage: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> None:
         """Queue ``event`` for sending once the handler returns successfully.
 
         The topic defaults to the registry topic of the event's type (in this service's
@@ -131,9 +138,17 @@ class Context:
             event = event.model_copy(update={"unsigned_ingress": True})
         trace = (env.trace or TraceContext.new()).child()
         deadline = deadline_ms if deadline_ms is not None else env.deadline_ms
-        self.outputs.append(p.event_record(event, name, next_stage=next_stage, trace=trace,
-                                           deadline_ms=deadline, replay=env.replay,
-                                           unsigned_ingress=env.unsigned_ingress))
+        self.outputs.append(
+            p.event_record(
+                event,
+                name,
+                next_stage=next_stage,
+                trace=trace,
+                deadline_ms=deadline,
+                replay=env.replay,
+                unsigned_ingress=env.unsigned_ingress,
+            )
+        )
 
 
 Handler = Callable[[Any, Context], Awaitable[None]]
@@ -199,8 +214,8 @@ class _TopicMetrics:
 class Pipeline:
     """The middleware of one service (one consumer group)."""
 
-    service: str          # identity, e.g. "guard" or "infer.r1"
-    group: str            # consumer group = idempotency scope
+    service: str  # identity, e.g. "guard" or "infer.r1"
+    group: str  # consumer group = idempotency scope
     subscriptions: dict[str, Subscription]
     keyring: Keyring
     codec: Codec
@@ -210,7 +225,7 @@ class Pipeline:
     backoff: Backoff = field(default_factory=Backoff)
     budget: RetryBudget = field(default_factory=RetryBudget)
     allow_unsigned_ingress: bool = False
-    namespace: str = ""   # "" live, "shadow." for a shadow pipeline
+    namespace: str = ""  # "" live, "shadow." for a shadow pipeline
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     _sig_cache: SignatureCache = field(default_factory=SignatureCache)
     _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
@@ -235,8 +250,9 @@ class Pipeline:
         seen = await self.idempotency.seen(self.group, ids)
         out: list[Prepared] = []
         for i in items:
-            if isinstance(i, Admitted) and (i.envelope.event_id in seen
-                                            or i.envelope.event_id in self._recent):
+            if isinstance(i, Admitted) and (
+                i.envelope.event_id in seen or i.envelope.event_id in self._recent
+            ):
                 self._m(i.record.topic).duplicates.inc()
                 out.append(Decided(i.record, Skipped("duplicate")))
             else:
@@ -282,8 +298,12 @@ class Pipeline:
         sub = self.subscriptions.get(record.topic)
         next_stage = headers.get(H.NEXT)
         # A header check, no decoding: one topic feeds whichever stage the slip names next.
-        if sub is not None and sub.stage and next_stage is not None \
-                and next_stage.decode("utf-8", "replace") != sub.stage:
+        if (
+            sub is not None
+            and sub.stage
+            and next_stage is not None
+            and next_stage.decode("utf-8", "replace") != sub.stage
+        ):
             return Decided(record, Skipped("not-this-stage"))
         try:
             spec = topic(record.topic)
@@ -295,8 +315,9 @@ class Pipeline:
             return Decided(record, self.dead_letter(record, exc, FailureClass.POISON, 1))
         return Admitted(record, envelope, event)
 
-    def _authenticate(self, record: InRecord, headers: dict[str, bytes],
-                      spec: TopicSpec) -> Envelope:
+    def _authenticate(
+        self, record: InRecord, headers: dict[str, bytes], spec: TopicSpec
+    ) -> Envelope:
         env = Envelope.parse(headers)
         producer = env.producer
         signature = headers.get(H.SIGNATURE)
@@ -319,8 +340,9 @@ class Pipeline:
 
     def _decode(self, record: InRecord, env: Envelope, spec: TopicSpec) -> Event:
         if env.event_type != spec.event_type:
-            raise DecodeError(f"{spec.name} carries {spec.event_type}, "
-                              f"header says {env.event_type!r}")
+            raise DecodeError(
+                f"{spec.name} carries {spec.event_type}, header says {env.event_type!r}"
+            )
         event = self.codec.decode(record.value or b"")
         if spec.event_type != event.EVENT_TYPE:
             raise DecodeError(f"{spec.name} carries {spec.event_type}, got {event.EVENT_TYPE}")
@@ -342,10 +364,16 @@ class Pipeline:
         if env.unsigned_ingress and not env.tenant:
             env = replace(env, tenant=event.tenant)
         trace = env.trace
-        bind_record(event_type=env.event_type, event_id=env.event_id,
-                    request_id=env.request_id, doc_id=env.doc_id,
-                    trace_id=trace.trace_id if trace else None, tenant=env.tenant,
-                    topic=record.topic)
+        bind_record(
+            service=self.service,
+            event_type=env.event_type,
+            event_id=env.event_id,
+            request_id=env.request_id,
+            doc_id=env.doc_id,
+            trace_id=trace.trace_id if trace else None,
+            tenant=env.tenant,
+            topic=record.topic,
+        )
         self.budget.deposit()
         attempt = 1
         while True:
@@ -367,12 +395,19 @@ class Pipeline:
                 if not self.budget.try_withdraw():
                     self.metrics.retry_budget_exhausted.labels(self.service).inc()
                     return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt)
-                delay = verdict.retry_after if verdict.retry_after is not None \
+                delay = (
+                    verdict.retry_after
+                    if verdict.retry_after is not None
                     else self.backoff.delay(attempt)
+                )
                 if env.deadline_ms is not None and now_ms() + delay * 1000 > env.deadline_ms:
                     return self.dead_letter(record, exc, FailureClass.DEADLINE, attempt)
-                log.warning("handler failed, retrying", error=type(exc).__name__,
-                            attempt=attempt, delay_s=round(delay, 3))
+                log.warning(
+                    "handler failed, retrying",
+                    error=type(exc).__name__,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                )
                 self.metrics.retries.labels(self.service, record.topic).inc()
                 attempt += 1
                 await self.sleep(delay)
@@ -382,11 +417,13 @@ class Pipeline:
             self._m(record.topic).ok.inc()
             return Handled(env.event_id or "", ctx.outputs)
 
-    def dead_letter(self, record: InRecord, exc: BaseException, failure: FailureClass,
-                    attempt: int) -> DeadLettered:
+    def dead_letter(
+        self, record: InRecord, exc: BaseException, failure: FailureClass, attempt: int
+    ) -> DeadLettered:
         """The DLQ twin of ``record``: same key and value bytes, original headers + DLT headers."""
-        kept = [(k, v) for k, v in record.headers
-                if not k.startswith(H.DLT_PREFIX) and k != H.ATTEMPT]
+        kept = [
+            (k, v) for k, v in record.headers if not k.startswith(H.DLT_PREFIX) and k != H.ATTEMPT
+        ]
         stack = "".join(traceback.format_exception(exc))[-_STACK_LIMIT:]
         message = str(exc)[:_MESSAGE_LIMIT]
         kept += [
@@ -395,8 +432,7 @@ class Pipeline:
             (H.DLT_ORIGINAL_OFFSET, str(record.offset).encode()),
             (H.DLT_ORIGINAL_TIMESTAMP, str(record.timestamp).encode()),
             (H.DLT_ORIGINAL_CONSUMER_GROUP, self.group.encode()),
-            (H.DLT_EXCEPTION_FQCN,
-             f"{type(exc).__module__}.{type(exc).__qualname__}".encode()),
+            (H.DLT_EXCEPTION_FQCN, f"{type(exc).__module__}.{type(exc).__qualname__}".encode()),
             (H.DLT_EXCEPTION_MESSAGE, message.encode("utf-8", "replace")),
             (H.DLT_EXCEPTION_STACKTRACE, stack.encode("utf-8", "replace")),
             (H.DLT_FAILURE_CLASS, failure.value.encode()),
@@ -405,7 +441,12 @@ class Pipeline:
         ]
         self.metrics.dlq.labels(self.service, record.topic, failure.value).inc()
         self.metrics.handled.labels(self.service, record.topic, f"dlq_{failure.value}").inc()
-        log.warning("record dead-lettered", failure_class=failure.value,
-                    error=type(exc).__name__, offset=record.offset, partition=record.partition)
+        log.warning(
+            "record dead-lettered",
+            failure_class=failure.value,
+            error=type(exc).__name__,
+            offset=record.offset,
+            partition=record.partition,
+        )
         out = OutRecord(dlq_of(record.topic), record.key, record.value, kept, sign=False)
         return DeadLettered(failure, out, message)

@@ -87,8 +87,11 @@ def connect_timeout_s(settings: Settings) -> float:
 
 def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerError:
     """The error for a broker that does not answer, with the way to fix it."""
-    why = f" ({type(exc).__name__}: {exc})" if exc is not None and str(exc) else (
-        f" ({type(exc).__name__})" if exc is not None else "")
+    why = (
+        f" ({type(exc).__name__}: {exc})"
+        if exc is not None and str(exc)
+        else (f" ({type(exc).__name__})" if exc is not None else "")
+    )
     return BrokerError(
         f"cannot reach the Kafka broker at {settings.bootstrap_servers}{why}; is the broker "
         "running? set STRATA_BOOTSTRAP_SERVERS to a reachable host:port (or run `strata up`)"
@@ -97,8 +100,12 @@ def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerE
 
 # Errors meaning "the broker did not answer" (as opposed to "the broker said no").
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    kerr.KafkaConnectionError, kerr.NodeNotReadyError, kerr.RequestTimedOutError,
-    kerr.KafkaTimeoutError, TimeoutError, OSError,
+    kerr.KafkaConnectionError,
+    kerr.NodeNotReadyError,
+    kerr.RequestTimedOutError,
+    kerr.KafkaTimeoutError,
+    TimeoutError,
+    OSError,
 )
 
 
@@ -134,8 +141,7 @@ def _consumer_config(settings: Settings, group_id: str | None) -> dict[str, Any]
 
 
 @contextlib.asynccontextmanager
-async def open_consumer(settings: Settings, *, group_id: str | None = None
-                        ) -> AsyncIterator[Any]:
+async def open_consumer(settings: Settings, *, group_id: str | None = None) -> AsyncIterator[Any]:
     """A started tool consumer (manual assignment only), always stopped on exit.
 
     With ``group_id`` it can commit offsets for that group *without joining it*
@@ -206,8 +212,9 @@ class OffsetBounds:
         return self.reported_end == self.end
 
 
-async def offset_bounds(source: ConsumerOrSettings, partitions: Iterable[TopicPartition]
-                        ) -> dict[TopicPartition, OffsetBounds]:
+async def offset_bounds(
+    source: ConsumerOrSettings, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, OffsetBounds]:
     """Beginning, true end and reported end offsets of ``partitions``.
 
     ``source`` is a started tool consumer or :class:`Settings`.  A consumer passed in is
@@ -221,8 +228,9 @@ async def offset_bounds(source: ConsumerOrSettings, partitions: Iterable[TopicPa
         return await _bounds(consumer, tps)
 
 
-async def true_end_offsets(source: ConsumerOrSettings, partitions: Iterable[TopicPartition]
-                           ) -> dict[TopicPartition, int]:
+async def true_end_offsets(
+    source: ConsumerOrSettings, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int]:
     """The offset after the last record of each partition, right on Tansu and on Kafka.
 
     Same contract as :func:`offset_bounds` (a consumer passed in loses its positions).
@@ -241,8 +249,7 @@ async def require_partitions(consumer: Any, tps: Iterable[TopicPartition]) -> No
         parts = consumer.partitions_for_topic(tp.topic)
         if not parts:
             raise TopicNotFoundError(
-                f"topic {tp.topic!r} does not exist; `strata topics list` shows the existing "
-                "topics"
+                f"topic {tp.topic!r} does not exist; `strata topics list` shows the existing topics"
             )
         if tp.partition not in parts:
             raise TopicNotFoundError(
@@ -259,13 +266,17 @@ async def _bounds(consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartiti
     # last batch and the high watermark says where it really ends.
     probe = {tp: max(begins[tp], reported[tp] - 1) for tp in tps}
     highwater = await _fetch_highwaters(consumer, probe, begins)
-    return {tp: OffsetBounds(begins[tp], max(begins[tp], highwater[tp]), reported[tp])
-            for tp in tps}
+    return {
+        tp: OffsetBounds(begins[tp], max(begins[tp], highwater[tp]), reported[tp]) for tp in tps
+    }
 
 
-async def _fetch_highwaters(consumer: Any, positions: Mapping[TopicPartition, int],
-                            fallback: Mapping[TopicPartition, int],
-                            timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+async def _fetch_highwaters(
+    consumer: Any,
+    positions: Mapping[TopicPartition, int],
+    fallback: Mapping[TopicPartition, int],
+    timeout_s: float = 30.0,
+) -> dict[TopicPartition, int]:
     """Fetch once at ``positions`` and return each partition's fetch-response high watermark."""
     previous = set(consumer.assignment())
     consumer.assign(list(positions))
@@ -304,9 +315,9 @@ async def _fetch_highwaters(consumer: Any, positions: Mapping[TopicPartition, in
             consumer.assign(list(previous))
 
 
-async def iter_records(consumer: Any, ranges: Mapping[TopicPartition, tuple[int, int]], *,
-                       idle_timeout_s: float = 30.0
-                       ) -> AsyncGenerator[tuple[TopicPartition, list[Any]], None]:
+async def iter_records(
+    consumer: Any, ranges: Mapping[TopicPartition, tuple[int, int]], *, idle_timeout_s: float = 30.0
+) -> AsyncGenerator[tuple[TopicPartition, list[Any]], None]:
     """Yield ``(partition, records)`` chunks of every record in ``[start, stop)`` per partition.
 
     Records come in offset order within a partition.  The consumer is reassigned to the
@@ -368,8 +379,9 @@ async def _read_all(consumer: Any, tp: TopicPartition, start: int, stop: int) ->
     return out
 
 
-async def offset_for_timestamp(source: ConsumerOrSettings, tp: TopicPartition, ts_ms: int, *,
-                               skew_ms: int = DEFAULT_SKEW_MS) -> int:
+async def offset_for_timestamp(
+    source: ConsumerOrSettings, tp: TopicPartition, ts_ms: int, *, skew_ms: int = DEFAULT_SKEW_MS
+) -> int:
     """The earliest offset of ``tp`` whose record timestamp is ``>= ts_ms`` (the end if none).
 
     The broker is asked first (ListOffsets by timestamp) and its answer is *verified*: the
@@ -389,9 +401,13 @@ async def offset_for_timestamp(source: ConsumerOrSettings, tp: TopicPartition, t
     return (await offsets_for_timestamp(source, [tp], ts_ms, skew_ms=skew_ms))[tp]
 
 
-async def offsets_for_timestamp(source: ConsumerOrSettings, partitions: Iterable[TopicPartition],
-                                ts_ms: int, *, skew_ms: int = DEFAULT_SKEW_MS
-                                ) -> dict[TopicPartition, int]:
+async def offsets_for_timestamp(
+    source: ConsumerOrSettings,
+    partitions: Iterable[TopicPartition],
+    ts_ms: int,
+    *,
+    skew_ms: int = DEFAULT_SKEW_MS,
+) -> dict[TopicPartition, int]:
     """:func:`offset_for_timestamp` for several partitions at once (one broker round trip)."""
     tps = list(dict.fromkeys(partitions))
     if not tps:
@@ -419,8 +435,9 @@ async def offsets_for_timestamp(source: ConsumerOrSettings, partitions: Iterable
         return out
 
 
-async def _verified(consumer: Any, tp: TopicPartition, claimed: int | None, ts_ms: int,
-                    b: OffsetBounds) -> bool:
+async def _verified(
+    consumer: Any, tp: TopicPartition, claimed: int | None, ts_ms: int, b: OffsetBounds
+) -> bool:
     if claimed is None or claimed >= b.end:
         # "No record at or after ts_ms": the last record must be older.
         last = await _read_chunk(consumer, tp, max(b.begin, b.end - 1), b.end)
@@ -458,8 +475,9 @@ async def _search(consumer: Any, tp: TopicPartition, ts_ms: int, b: OffsetBounds
     return lo
 
 
-async def _skew_back(consumer: Any, tp: TopicPartition, ts_ms: int, b: OffsetBounds, *,
-                     found: int, skew_ms: int) -> int:
+async def _skew_back(
+    consumer: Any, tp: TopicPartition, ts_ms: int, b: OffsetBounds, *, found: int, skew_ms: int
+) -> int:
     if skew_ms <= 0:
         return found
     floor = ts_ms - skew_ms
@@ -481,8 +499,9 @@ async def _skew_back(consumer: Any, tp: TopicPartition, ts_ms: int, b: OffsetBou
     return best
 
 
-async def commit_offsets(settings: Settings, group: str,
-                         offsets: Mapping[TopicPartition, int | tuple[int, str]]) -> None:
+async def commit_offsets(
+    settings: Settings, group: str, offsets: Mapping[TopicPartition, int | tuple[int, str]]
+) -> None:
     """Commit ``offsets`` (offset, or (offset, metadata)) for ``group`` without joining it.
 
     Uses a consumer with that ``group_id``, manual ``assign`` and an explicit ``commit``:

@@ -54,8 +54,9 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 
 class MeshProducer:
-    def __init__(self, settings: Settings, signer: SigningKey | None, *,
-                 service: str = "client") -> None:
+    def __init__(
+        self, settings: Settings, signer: SigningKey | None, *, service: str = "client"
+    ) -> None:
         self.settings = settings
         self.signer = signer
         self.service = service
@@ -150,8 +151,11 @@ class MeshProducer:
             for record, fut in batch:
                 try:
                     kafka_fut = await self._producer.send(
-                        record.topic, record.value, key=record.key,
-                        headers=record.headers, partition=record.partition,
+                        record.topic,
+                        record.value,
+                        key=record.key,
+                        headers=record.headers,
+                        partition=record.partition,
                     )
                 except Exception as exc:
                     if not fut.done():

@@ -29,10 +29,18 @@ def topic_of_event(event_type: str) -> str:
         raise EncodeError(f"no topic carries {event_type}") from None
 
 
-def event_record(codec: Codec, producer: str, event: Event, topic_name: str, *,
-                 next_stage: str | None = None, trace: TraceContext | None = None,
-                 deadline_ms: int | None = None, replay: bytes | None = None,
-                 unsigned_ingress: bool = False) -> OutRecord:
+def event_record(
+    codec: Codec,
+    producer: str,
+    event: Event,
+    topic_name: str,
+    *,
+    next_stage: str | None = None,
+    trace: TraceContext | None = None,
+    deadline_ms: int | None = None,
+    replay: bytes | None = None,
+    unsigned_ingress: bool = False,
+) -> OutRecord:
     """The record for ``event`` with the envelope headers of DESIGN.md §2 (signed on send)."""
     spec = topic(topic_name)
     if spec.event_type != event.EVENT_TYPE:
@@ -66,9 +74,15 @@ class Publisher:
     ``async with Publisher(settings, "client:acme-web") as pub: await pub.publish(event)``
     """
 
-    def __init__(self, settings: Settings, identity: str, *,
-                 signing_key: SigningKey | None = None, codec: Codec | None = None,
-                 unsigned: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        identity: str,
+        *,
+        signing_key: SigningKey | None = None,
+        codec: Codec | None = None,
+        unsigned: bool = False,
+    ) -> None:
         self.settings = settings
         self.identity = identity
         self.unsigned = unsigned
@@ -83,18 +97,32 @@ class Publisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.producer.stop()
 
-    def record(self, event: Event, *, topic_name: str | None = None,
-               next_stage: str | None = None, deadline_ms: int | None = None) -> OutRecord:
+    def record(
+        self,
+        event: Event,
+        *,
+        topic_name: str | None = None,
+        next_stage: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> OutRecord:
         name = topic_name or topic_of_event(event.EVENT_TYPE)
-        rec = event_record(self.codec, self.identity, event, name, next_stage=next_stage,
-                           deadline_ms=deadline_ms)
+        rec = event_record(
+            self.codec, self.identity, event, name, next_stage=next_stage, deadline_ms=deadline_ms
+        )
         rec.sign = not self.unsigned
         return rec
 
-    async def publish(self, event: Event, *, topic_name: str | None = None,
-                      next_stage: str | None = None,
-                      deadline_ms: int | None = None) -> RecordMetadata:
+    async def publish(
+        self,
+        event: Event,
+        *,
+        topic_name: str | None = None,
+        next_stage: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> RecordMetadata:
         """Send ``event`` and wait for the broker's acknowledgement."""
-        return await self.producer.send(self.record(event, topic_name=topic_name,
-                                                    next_stage=next_stage,
-                                                    deadline_ms=deadline_ms))
+        return await self.producer.send(
+            self.record(
+                event, topic_name=topic_name, next_stage=next_stage, deadline_ms=deadline_ms
+            )
+        )

@@ -98,15 +98,20 @@ class ResetPlan:
         return {r.partition: r.target for r in self.rows}
 
 
-async def plan_reset(settings: Settings, group: str, topic_name: str, *,
-                     to_offset: int | Mapping[int, int] | None = None,
-                     to_datetime: datetime | None = None,
-                     by_duration: timedelta | None = None,
-                     to_earliest: bool = False,
-                     to_latest: bool = False,
-                     shift_by: int | None = None,
-                     partitions: Sequence[int] | None = None,
-                     skew_ms: int = DEFAULT_SKEW_MS) -> ResetPlan:
+async def plan_reset(
+    settings: Settings,
+    group: str,
+    topic_name: str,
+    *,
+    to_offset: int | Mapping[int, int] | None = None,
+    to_datetime: datetime | None = None,
+    by_duration: timedelta | None = None,
+    to_earliest: bool = False,
+    to_latest: bool = False,
+    shift_by: int | None = None,
+    partitions: Sequence[int] | None = None,
+    skew_ms: int = DEFAULT_SKEW_MS,
+) -> ResetPlan:
     """The dry run of a reset: per partition the committed offset and the target.
 
     Give exactly one strategy: ``to_offset`` (one offset for every partition, or
@@ -115,10 +120,18 @@ async def plan_reset(settings: Settings, group: str, topic_name: str, *,
     ``to_latest``, or ``shift_by`` (committed offset plus n; the beginning when nothing is
     committed).  ``partitions`` limits the plan.  Changes nothing.
     """
-    chosen = [name for name, v in (
-        ("to_offset", to_offset), ("to_datetime", to_datetime), ("by_duration", by_duration),
-        ("to_earliest", to_earliest or None), ("to_latest", to_latest or None),
-        ("shift_by", shift_by)) if v is not None]
+    chosen = [
+        name
+        for name, v in (
+            ("to_offset", to_offset),
+            ("to_datetime", to_datetime),
+            ("by_duration", by_duration),
+            ("to_earliest", to_earliest or None),
+            ("to_latest", to_latest or None),
+            ("shift_by", shift_by),
+        )
+        if v is not None
+    ]
     if len(chosen) != 1:
         raise ConfigError(
             "give exactly one reset strategy (to_offset, to_datetime, by_duration, "
@@ -169,8 +182,9 @@ async def plan_reset(settings: Settings, group: str, topic_name: str, *,
             assert shift_by is not None
             target = (b.begin if current is None else current) + shift_by
             strategy = f"shift_by {shift_by}"
-        rows.append(ResetRow(tp.partition, current, min(max(target, b.begin), b.end),
-                             b.begin, b.end))
+        rows.append(
+            ResetRow(tp.partition, current, min(max(target, b.begin), b.end), b.begin, b.end)
+        )
     return ResetPlan(group=group, topic=topic_name, strategy=strategy, rows=tuple(rows))
 
 
@@ -186,31 +200,47 @@ async def execute_plan(settings: Settings, plan: ResetPlan) -> ResetPlan:
     tps = {TopicPartition(plan.topic, r.partition): r.target for r in plan.rows}
     await commit_offsets(settings, plan.group, tps)
     back = await committed_offsets(settings, plan.group, list(tps))
-    wrong = {tp.partition: (want, back[tp][0]) for tp, want in tps.items()
-             if back[tp][0] != want}
+    wrong = {tp.partition: (want, back[tp][0]) for tp, want in tps.items() if back[tp][0] != want}
     if wrong:
-        raise BrokerError(f"the broker did not keep the reset of {plan.group!r}: "
-                          f"partition → (wanted, committed) {wrong}")
+        raise BrokerError(
+            f"the broker did not keep the reset of {plan.group!r}: "
+            f"partition → (wanted, committed) {wrong}"
+        )
     return replace(plan, executed=True)
 
 
-async def execute_reset(settings: Settings, group: str, topic_name: str, *,
-                        to_offset: int | Mapping[int, int] | None = None,
-                        to_datetime: datetime | None = None,
-                        by_duration: timedelta | None = None,
-                        to_earliest: bool = False,
-                        to_latest: bool = False,
-                        shift_by: int | None = None,
-                        partitions: Sequence[int] | None = None,
-                        skew_ms: int = DEFAULT_SKEW_MS) -> ResetPlan:
+async def execute_reset(
+    settings: Settings,
+    group: str,
+    topic_name: str,
+    *,
+    to_offset: int | Mapping[int, int] | None = None,
+    to_datetime: datetime | None = None,
+    by_duration: timedelta | None = None,
+    to_earliest: bool = False,
+    to_latest: bool = False,
+    shift_by: int | None = None,
+    partitions: Sequence[int] | None = None,
+    skew_ms: int = DEFAULT_SKEW_MS,
+) -> ResetPlan:
     """:func:`plan_reset` then :func:`execute_plan`; refuses before planning if the group is
     active.  Returns the executed plan (``current`` = the offsets before the reset)."""
-    await require_inactive(settings, group,
-                           f"reset the offsets of group {group!r} on {topic_name!r}")
-    plan = await plan_reset(settings, group, topic_name, to_offset=to_offset,
-                            to_datetime=to_datetime, by_duration=by_duration,
-                            to_earliest=to_earliest, to_latest=to_latest, shift_by=shift_by,
-                            partitions=partitions, skew_ms=skew_ms)
+    await require_inactive(
+        settings, group, f"reset the offsets of group {group!r} on {topic_name!r}"
+    )
+    plan = await plan_reset(
+        settings,
+        group,
+        topic_name,
+        to_offset=to_offset,
+        to_datetime=to_datetime,
+        by_duration=by_duration,
+        to_earliest=to_earliest,
+        to_latest=to_latest,
+        shift_by=shift_by,
+        partitions=partitions,
+        skew_ms=skew_ms,
+    )
     return await execute_plan(settings, plan)
 
 
@@ -227,8 +257,13 @@ class CopyResult:
         return sum(self.copied.values())
 
 
-def _resolve(spec: int | datetime | None, tp: TopicPartition, b: OffsetBounds,
-             by_time: Mapping[tuple[TopicPartition, int], int], default: int) -> int:
+def _resolve(
+    spec: int | datetime | None,
+    tp: TopicPartition,
+    b: OffsetBounds,
+    by_time: Mapping[tuple[TopicPartition, int], int],
+    default: int,
+) -> int:
     if spec is None:
         return default
     if isinstance(spec, datetime):
@@ -236,14 +271,18 @@ def _resolve(spec: int | datetime | None, tp: TopicPartition, b: OffsetBounds,
     return min(max(int(spec), b.begin), b.end)
 
 
-async def copy_range(settings: Settings, topic_name: str, *,
-                     from_: int | datetime | None = None,
-                     to: int | datetime | None = None,
-                     into: str = "shadow",
-                     replay_id: str | None = None,
-                     partitions: Sequence[int] | None = None,
-                     replication_factor: int = 1,
-                     skew_ms: int = DEFAULT_SKEW_MS) -> CopyResult:
+async def copy_range(
+    settings: Settings,
+    topic_name: str,
+    *,
+    from_: int | datetime | None = None,
+    to: int | datetime | None = None,
+    into: str = "shadow",
+    replay_id: str | None = None,
+    partitions: Sequence[int] | None = None,
+    replication_factor: int = 1,
+    skew_ms: int = DEFAULT_SKEW_MS,
+) -> CopyResult:
     """Re-publish the records of ``topic_name`` in ``[from_, to)`` into the shadow topic.
 
     ``from_`` / ``to``: an offset (the same for every partition, clamped) or a datetime (the
@@ -279,8 +318,9 @@ async def copy_range(settings: Settings, topic_name: str, *,
             start = _resolve(from_, tp, b, by_time, b.begin)
             stop = _resolve(to, tp, b, by_time, b.end)
             ranges[tp] = (start, max(start, stop))
-        await create_shadow_topic(settings, topic_name, name=target,
-                                  replication_factor=replication_factor)
+        await create_shadow_topic(
+            settings, topic_name, name=target, replication_factor=replication_factor
+        )
         copied = {tp.partition: 0 for tp in tps}
         if any(stop > start for start, stop in ranges.values()):
             async with open_producer(settings) as producer:
@@ -289,12 +329,22 @@ async def copy_range(settings: Settings, topic_name: str, *,
                     for r in records:
                         headers = [(k, v) for k, v in (r.headers or ()) if k != hdr.REPLAY]
                         headers.append(marker)
-                        futures.append(await producer.send(
-                            target, value=r.value, key=r.key, partition=tp.partition,
-                            headers=headers,
-                        ))
+                        futures.append(
+                            await producer.send(
+                                target,
+                                value=r.value,
+                                key=r.key,
+                                partition=tp.partition,
+                                headers=headers,
+                            )
+                        )
                     async with broker_errors(settings, f"copying into {target!r}"):
                         await asyncio.gather(*futures)
                     copied[tp.partition] += len(futures)
-    return CopyResult(source=topic_name, target=target, replay_id=rid,
-                      ranges={tp.partition: r for tp, r in ranges.items()}, copied=copied)
+    return CopyResult(
+        source=topic_name,
+        target=target,
+        replay_id=rid,
+        ranges={tp.partition: r for tp, r in ranges.items()},
+        copied=copied,
+    )

@@ -90,8 +90,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaRuntime:
     """Drives a :class:`Pipeline` from a Kafka consumer group and sends its outputs."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, producer: MeshProducer,
-                 topics: Sequence[str]) -> None:
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, producer: MeshProducer, topics: Sequence[str]
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.producer = producer
@@ -112,13 +113,16 @@ class KafkaRuntime:
             await self._consumer.start()
         except Exception as exc:
             await self._consumer.stop()
-            raise BrokerError(f"cannot reach the broker at {self.settings.bootstrap_servers}: "
-                              f"{exc}") from exc
+            raise BrokerError(
+                f"cannot reach the broker at {self.settings.bootstrap_servers}: {exc}"
+            ) from exc
         self._consumer.subscribe(self.topics, listener=_Rebalance(self))
         self._running = True
         name = self.pipeline.service
-        self._tasks = [asyncio.create_task(self._fetch_loop(), name=f"{name}-fetch"),
-                       asyncio.create_task(self._commit_loop(), name=f"{name}-commit")]
+        self._tasks = [
+            asyncio.create_task(self._fetch_loop(), name=f"{name}-fetch"),
+            asyncio.create_task(self._commit_loop(), name=f"{name}-commit"),
+        ]
 
     async def wait(self) -> None:
         """Return when the runtime stopped; re-raise what made it stop, if anything."""
@@ -143,8 +147,9 @@ class KafkaRuntime:
         for tp in assigned:
             if tp not in self._lanes:
                 lane = _Lane(tp)
-                lane.task = asyncio.create_task(self._lane_loop(lane),
-                                                name=f"lane-{tp.topic}-{tp.partition}")
+                lane.task = asyncio.create_task(
+                    self._lane_loop(lane), name=f"lane-{tp.topic}-{tp.partition}"
+                )
                 self._lanes[tp] = lane
         if assigned:
             self.assigned.set()
@@ -173,8 +178,12 @@ class KafkaRuntime:
         for lane in lanes:
             self._lanes.pop(lane.tp, None)
             with contextlib.suppress(KeyError):
-                self._metrics.lag.remove(self.pipeline.service, self.pipeline.group,
-                                         lane.tp.topic, str(lane.tp.partition))
+                self._metrics.lag.remove(
+                    self.pipeline.service,
+                    self.pipeline.group,
+                    lane.tp.topic,
+                    str(lane.tp.partition),
+                )
         log.info("partitions revoked", count=len(lanes), group=self.pipeline.group)
 
     # -- loops --------------------------------------------------------------------------
@@ -183,8 +192,9 @@ class KafkaRuntime:
         c = self.settings.consumer
         try:
             while self._running:
-                batches = await self._consumer.getmany(timeout_ms=100,
-                                                       max_records=c.max_poll_records)
+                batches = await self._consumer.getmany(
+                    timeout_ms=100, max_records=c.max_poll_records
+                )
                 for tp, records in batches.items():
                     lane = self._lanes.get(tp)
                     if lane is None:
@@ -272,17 +282,27 @@ class KafkaRuntime:
             track = lane.unacked[0]
             if not all(f.done() for f in track.futures):
                 break
-            failed = [(o, f) for o, f in zip(track.outputs, track.futures, strict=True)
-                      if f.cancelled() or f.exception() is not None]
+            failed = [
+                (o, f)
+                for o, f in zip(track.outputs, track.futures, strict=True)
+                if f.cancelled() or f.exception() is not None
+            ]
             if failed:
                 track.failures += 1
                 if track.failures > _MAX_SEND_FAILURES:
-                    raise BrokerError(f"cannot deliver outputs of {lane.tp} offset "
-                                      f"{track.offset}: {failed[0][1].exception()!r}")
-                log.warning("output not acknowledged, resending", offset=track.offset,
-                            attempt=track.failures)
-                track.futures = [self.producer.send(o) if (o, f) in failed else f
-                                 for o, f in zip(track.outputs, track.futures, strict=True)]
+                    raise BrokerError(
+                        f"cannot deliver outputs of {lane.tp} offset "
+                        f"{track.offset}: {failed[0][1].exception()!r}"
+                    )
+                log.warning(
+                    "output not acknowledged, resending",
+                    offset=track.offset,
+                    attempt=track.failures,
+                )
+                track.futures = [
+                    self.producer.send(o) if (o, f) in failed else f
+                    for o, f in zip(track.outputs, track.futures, strict=True)
+                ]
                 break
             lane.unacked.popleft()
             if track.mark:
@@ -296,8 +316,9 @@ class KafkaRuntime:
             hw = self._consumer.highwater(lane.tp)
             if hw is None or lane.committed is None:
                 continue
-            self._metrics.lag.labels(self.pipeline.service, self.pipeline.group, lane.tp.topic,
-                                     str(lane.tp.partition)).set(max(hw - lane.committed, 0))
+            self._metrics.lag.labels(
+                self.pipeline.service, self.pipeline.group, lane.tp.topic, str(lane.tp.partition)
+            ).set(max(hw - lane.committed, 0))
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -306,4 +327,3 @@ class KafkaRuntime:
     async def drained(self) -> bool:
         """True when nothing is buffered, in flight or uncommitted (used by tests and tools)."""
         return all(not lane.queue and not lane.unacked for lane in self._lanes.values())
-

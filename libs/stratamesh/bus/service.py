@@ -39,8 +39,14 @@ H_ = TypeVar("H_", bound=Handler)
 
 
 class Service:
-    def __init__(self, name: str, *, identity: str | None = None, group: str | None = None,
-                 shadow: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        identity: str | None = None,
+        group: str | None = None,
+        shadow: bool = False,
+    ) -> None:
         self.name = name
         self.identity = identity or name
         self.namespace = SHADOW_PREFIX if shadow else ""
@@ -68,9 +74,14 @@ class Service:
     def topics(self) -> list[str]:
         return sorted(self.subscriptions)
 
-    def build_pipeline(self, settings: Settings, *, keyring: Keyring | None = None,
-                       idempotency: IdempotencyStore | None = None,
-                       codec: Codec | None = None) -> Pipeline:
+    def build_pipeline(
+        self,
+        settings: Settings,
+        *,
+        keyring: Keyring | None = None,
+        idempotency: IdempotencyStore | None = None,
+        codec: Codec | None = None,
+    ) -> Pipeline:
         return Pipeline(
             service=self.identity,
             group=self.group,
@@ -86,9 +97,14 @@ class Service:
             namespace=self.namespace,
         )
 
-    async def start(self, settings: Settings, *, keyring: Keyring | None = None,
-                    signing_key: SigningKey | None = None,
-                    idempotency: IdempotencyStore | None = None) -> None:
+    async def start(
+        self,
+        settings: Settings,
+        *,
+        keyring: Keyring | None = None,
+        signing_key: SigningKey | None = None,
+        idempotency: IdempotencyStore | None = None,
+    ) -> None:
         if not self.subscriptions:
             raise ConfigError(f"service {self.name} has no subscriptions")
         key = signing_key or load_signing_key(settings, self.identity)

@@ -53,8 +53,9 @@ async def _no_sleep(_: float) -> None:
 
 
 class MemoryMesh:
-    def __init__(self, *services: Service, settings: Settings | None = None,
-                 real_sleep: bool = False) -> None:
+    def __init__(
+        self, *services: Service, settings: Settings | None = None, real_sleep: bool = False
+    ) -> None:
         self.settings = settings or Settings()
         self.codec = Codec()
         self.keyring = Keyring()
@@ -65,8 +66,12 @@ class MemoryMesh:
         self._positions: dict[tuple[str, str], int] = defaultdict(int)
         for svc in services:
             self.identity(svc.identity)
-            pipeline = svc.build_pipeline(self.settings, keyring=self.keyring,
-                                          idempotency=MemoryIdempotency(), codec=self.codec)
+            pipeline = svc.build_pipeline(
+                self.settings,
+                keyring=self.keyring,
+                idempotency=MemoryIdempotency(),
+                codec=self.codec,
+            )
             pipeline.metrics = bus_metrics()
             if not real_sleep:
                 pipeline.sleep = _no_sleep
@@ -96,17 +101,20 @@ class MemoryMesh:
             leaf = leaf_hash(record.key, record.value or b"", H.header_dict(headers))
             headers.append((H.SIGNATURE, sign_batch(self.keys[producer], [leaf])[0]))
         log = self.topics[record.topic]
-        mem = MemoryRecord(record.topic, record.partition or 0, len(log), record.key,
-                           record.value, headers)
+        mem = MemoryRecord(
+            record.topic, record.partition or 0, len(log), record.key, record.value, headers
+        )
         log.append(mem)
         return mem
 
-    async def publish(self, event: Event, *, as_: str, topic_name: str | None = None,
-                      sign: bool = True, **kw: Any) -> MemoryRecord:
+    async def publish(
+        self, event: Event, *, as_: str, topic_name: str | None = None, sign: bool = True, **kw: Any
+    ) -> MemoryRecord:
         if as_ not in self.keys:
             self.identity(as_)
-        rec = event_record(self.codec, as_, event, topic_name or topic_of_event(event.EVENT_TYPE),
-                           **kw)
+        rec = event_record(
+            self.codec, as_, event, topic_name or topic_of_event(event.EVENT_TYPE), **kw
+        )
         rec.sign = sign
         return self.append(rec)
 

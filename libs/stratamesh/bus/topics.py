@@ -119,57 +119,161 @@ def logical_topic(topic_name: str) -> str:
     return name.removesuffix(DLQ_SUFFIX)
 
 
-def _t(name: str, event: str, plane: Literal["knowledge", "request"], producers: str,
-       consumers: str, description: str, retention_days: int = 7) -> TopicSpec:
-    return TopicSpec(name=name, event_type=event, plane=plane,
-                     producers=frozenset(producers.split()),
-                     consumers=frozenset(consumers.split()),
-                     retention_ms=retention_days * DAY_MS, description=description)
+def _t(
+    name: str,
+    event: str,
+    plane: Literal["knowledge", "request"],
+    producers: str,
+    consumers: str,
+    description: str,
+    retention_days: int = 7,
+) -> TopicSpec:
+    return TopicSpec(
+        name=name,
+        event_type=event,
+        plane=plane,
+        producers=frozenset(producers.split()),
+        consumers=frozenset(consumers.split()),
+        retention_ms=retention_days * DAY_MS,
+        description=description,
+    )
 
 
 TOPICS: Final[tuple[TopicSpec, ...]] = (
     # Knowledge plane.  Documents are the source of truth for re-indexing by replay: keep longer.
-    _t(DOCS_SUBMITTED, "DocumentSubmitted", "knowledge", "client console", "ingest audit",
-       "documents submitted by clients", 30),
-    _t(DOCS_CHUNKED, "DocumentChunked", "knowledge", "ingest", "embed audit",
-       "chunks of one document version", 30),
-    _t(DOCS_EMBEDDED, "ChunksEmbedded", "knowledge", "embed", "index audit",
-       "dense and sparse vectors of chunks"),
-    _t(DOCS_INDEXED, "ChunksIndexed", "knowledge", "index", "audit console",
-       "chunks that became searchable"),
-    _t(DOCS_REJECTED, "DocumentRejected", "knowledge", "ingest", "audit console",
-       "documents refused, with reason, field and hint"),
+    _t(
+        DOCS_SUBMITTED,
+        "DocumentSubmitted",
+        "knowledge",
+        "client console",
+        "ingest audit",
+        "documents submitted by clients",
+        30,
+    ),
+    _t(
+        DOCS_CHUNKED,
+        "DocumentChunked",
+        "knowledge",
+        "ingest",
+        "embed audit",
+        "chunks of one document version",
+        30,
+    ),
+    _t(
+        DOCS_EMBEDDED,
+        "ChunksEmbedded",
+        "knowledge",
+        "embed",
+        "index audit",
+        "dense and sparse vectors of chunks",
+    ),
+    _t(
+        DOCS_INDEXED,
+        "ChunksIndexed",
+        "knowledge",
+        "index",
+        "audit console",
+        "chunks that became searchable",
+    ),
+    _t(
+        DOCS_REJECTED,
+        "DocumentRejected",
+        "knowledge",
+        "ingest",
+        "audit console",
+        "documents refused, with reason, field and hint",
+    ),
     # Request plane.
-    _t(REQUESTS_SUBMITTED, "InferenceRequested", "request", "client console", "guard audit",
-       "questions from producers"),
-    _t(REQUESTS_ADMITTED, "RequestAdmitted", "request", "guard", "route audit",
-       "pseudonymised requests that passed the input guard"),
-    _t(REQUESTS_ROUTED, "RequestRouted", "request", "route", "embed infer audit",
-       "requests with their routing slip"),
-    _t(REQUESTS_EMBEDDED, "QueryEmbedded", "request", "embed", "index audit",
-       "query vectors"),
-    _t(REQUESTS_RETRIEVED, "ContextRetrieved", "request", "index", "infer audit",
-       "ranked chunks with citations"),
-    _t(INFERENCE_COMPLETED, "CandidateAnswer", "request", "infer", "consensus guard audit",
-       "one signed candidate answer per replica"),
-    _t(REQUESTS_DECIDED, "AnswerDecided", "request", "consensus", "judge guard audit",
-       "decided answers with quorum certificates"),
-    _t(REQUESTS_JUDGED, "AnswerJudged", "request", "judge", "guard infer audit",
-       "judge scores, or a critique for one bounded revision"),
-    _t(RESULTS, "RequestCompleted", "request", "guard route console", "audit console",
-       "final results for UIs", 30),
-    _t(REVIEWS_PENDING, "HumanReviewRequested", "request", "guard consensus", "console audit",
-       "escalations awaiting a human", 30),
-    _t(REVIEWS_DECIDED, "HumanReviewDecided", "request", "console", "guard audit",
-       "human review decisions", 30),
+    _t(
+        REQUESTS_SUBMITTED,
+        "InferenceRequested",
+        "request",
+        "client console",
+        "guard audit",
+        "questions from producers",
+    ),
+    _t(
+        REQUESTS_ADMITTED,
+        "RequestAdmitted",
+        "request",
+        "guard",
+        "route audit",
+        "pseudonymised requests that passed the input guard",
+    ),
+    _t(
+        REQUESTS_ROUTED,
+        "RequestRouted",
+        "request",
+        "route",
+        "embed infer audit",
+        "requests with their routing slip",
+    ),
+    _t(REQUESTS_EMBEDDED, "QueryEmbedded", "request", "embed", "index audit", "query vectors"),
+    _t(
+        REQUESTS_RETRIEVED,
+        "ContextRetrieved",
+        "request",
+        "index",
+        "infer audit",
+        "ranked chunks with citations",
+    ),
+    _t(
+        INFERENCE_COMPLETED,
+        "CandidateAnswer",
+        "request",
+        "infer",
+        "consensus guard audit",
+        "one signed candidate answer per replica",
+    ),
+    _t(
+        REQUESTS_DECIDED,
+        "AnswerDecided",
+        "request",
+        "consensus",
+        "judge guard audit",
+        "decided answers with quorum certificates",
+    ),
+    _t(
+        REQUESTS_JUDGED,
+        "AnswerJudged",
+        "request",
+        "judge",
+        "guard infer audit",
+        "judge scores, or a critique for one bounded revision",
+    ),
+    _t(
+        RESULTS,
+        "RequestCompleted",
+        "request",
+        "guard route console",
+        "audit console",
+        "final results for UIs",
+        30,
+    ),
+    _t(
+        REVIEWS_PENDING,
+        "HumanReviewRequested",
+        "request",
+        "guard consensus",
+        "console audit",
+        "escalations awaiting a human",
+        30,
+    ),
+    _t(
+        REVIEWS_DECIDED,
+        "HumanReviewDecided",
+        "request",
+        "console",
+        "guard audit",
+        "human review decisions",
+        30,
+    ),
 )
 
 _BY_NAME: Final[dict[str, TopicSpec]] = {t.name: t for t in TOPICS}
 
 # Every topic the mesh creates: the registry topics and their DLQ twins.
-ALL_TOPICS: Final[tuple[str, ...]] = tuple(
-    name for t in TOPICS for name in (t.name, t.dlq)
-)
+ALL_TOPICS: Final[tuple[str, ...]] = tuple(name for t in TOPICS for name in (t.name, t.dlq))
 
 
 def topic(name: str) -> TopicSpec:
@@ -179,4 +283,3 @@ def topic(name: str) -> TopicSpec:
     except KeyError:
         known = ", ".join(sorted(_BY_NAME))
         raise KeyError(f"unknown topic {name!r}; known topics: {known}") from None
-

@@ -62,9 +62,15 @@ class EmbeddedBroker:
     :meth:`start` / :meth:`stop` (both also usable from synchronous code).
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
-                 binary: Path | None = None, ready_timeout_s: float = 15.0,
-                 stop_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        binary: Path | None = None,
+        ready_timeout_s: float = 15.0,
+        stop_timeout_s: float = 3.0,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.binary = binary or find_tansu()
@@ -89,7 +95,10 @@ class EmbeddedBroker:
         env = {**os.environ, "RUST_LOG": os.environ.get("STRATA_TANSU_LOG", "warn")}
         try:
             self._proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # Ctrl-C in a terminal must not reach it before us
             )
         except OSError as exc:
@@ -133,21 +142,23 @@ class EmbeddedBroker:
         await asyncio.to_thread(self.start)
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await asyncio.to_thread(self.stop)
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
 # ApiVersions v0 request: size, api_key=18, api_version=0, correlation_id=1, client_id="strata".
-_API_VERSIONS_V0 = bytes.fromhex("00000010" "0012" "0000" "00000001" "0006") + b"strata"
+_API_VERSIONS_V0 = bytes.fromhex("0000001000120000000000010006") + b"strata"
 
 
 def _answers_api_versions(host: str, port: int) -> bool:

@@ -14,8 +14,9 @@ __all__ = ["discover_services", "load_service"]
 def discover_services() -> list[str]:
     """Names of the installed services, sorted."""
     pkg = importlib.import_module("stratamesh.services")  # mapped from services/ at install
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                  if m.ispkg and not m.name.startswith("_"))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(pkg.__path__) if m.ispkg and not m.name.startswith("_")
+    )
 
 
 def load_service(name: str) -> Service:

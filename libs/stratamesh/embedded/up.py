@@ -55,8 +55,14 @@ class Mesh:
     broker: EmbeddedBroker | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, *, bootstrap: str | None = None,
-                    only: list[str] | None = None, dev_keys: bool = True) -> Mesh:
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        bootstrap: str | None = None,
+        only: list[str] | None = None,
+        dev_keys: bool = True,
+    ) -> Mesh:
         bootstrap = bootstrap or settings.bootstrap_servers
         broker = None
         if bootstrap is None:
@@ -72,8 +78,11 @@ class Mesh:
             if dev_keys:
                 created = ensure_dev_keys(settings, [s.identity for s in services])
                 if created:
-                    log.info("development keys created", identities=created,
-                             keys_dir=str(settings.keys_dir))
+                    log.info(
+                        "development keys created",
+                        identities=created,
+                        keys_dir=str(settings.keys_dir),
+                    )
             for svc in services:
                 await svc.start(settings)
                 mesh.services.append(svc)

@@ -23,8 +23,9 @@ __all__ = ["bind_record", "configure_logging", "get_logger"]
 _RECORD: ContextVar[dict[str, str] | None] = ContextVar("strata_record", default=None)
 
 
-def _merge_record(_: Any, __: str, event_dict: MutableMapping[str, Any]
-                  ) -> MutableMapping[str, Any]:
+def _merge_record(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     record = _RECORD.get()
     if record:
         for k, v in record.items():
@@ -32,8 +33,9 @@ def _merge_record(_: Any, __: str, event_dict: MutableMapping[str, Any]
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, json: bool = True,
-                      service: str | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", *, json: bool = True, service: str | None = None
+) -> None:
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         _merge_record,
@@ -62,10 +64,26 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
-def bind_record(*, event_type: str | None, event_id: str | None, request_id: str | None,
-                doc_id: str | None, trace_id: str | None, tenant: str | None,
-                topic: str) -> None:
+def bind_record(
+    *,
+    service: str,
+    event_type: str | None,
+    event_id: str | None,
+    request_id: str | None,
+    doc_id: str | None,
+    trace_id: str | None,
+    tenant: str | None,
+    topic: str,
+) -> None:
     """Bind one record's identifiers to the current context (replacing the previous record's)."""
-    ctx = {"event_type": event_type, "event_id": event_id, "request_id": request_id,
-           "doc_id": doc_id, "trace_id": trace_id, "tenant": tenant, "topic": topic}
+    ctx = {
+        "service": service,
+        "event_type": event_type,
+        "event_id": event_id,
+        "request_id": request_id,
+        "doc_id": doc_id,
+        "trace_id": trace_id,
+        "tenant": tenant,
+        "topic": topic,
+    }
     _RECORD.set({k: v for k, v in ctx.items() if v is not None})

@@ -12,35 +12,81 @@ __all__ = ["REGISTRY", "BusMetrics", "bus_metrics", "serve_metrics"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class BusMetrics:
     """The consumer/producer metrics of the bus (one instance per registry)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.consumed = Counter("strata_messages_consumed", "records received by a service",
-                                ["service", "topic"], registry=registry)
-        self.produced = Counter("strata_messages_produced", "records acknowledged by the broker",
-                                ["service", "topic"], registry=registry)
-        self.handled = Counter("strata_messages_handled", "records by outcome",
-                               ["service", "topic", "outcome"], registry=registry)
-        self.handler_seconds = Histogram("strata_handler_seconds", "handler latency",
-                                         ["service", "topic"], buckets=_LATENCY_BUCKETS,
-                                         registry=registry)
-        self.retries = Counter("strata_retries", "handler retries", ["service", "topic"],
-                               registry=registry)
-        self.dlq = Counter("strata_dlq_messages", "records sent to a dead-letter topic",
-                           ["service", "topic", "failure_class"], registry=registry)
-        self.duplicates = Counter("strata_duplicates_skipped",
-                                  "redelivered records skipped by idempotency",
-                                  ["service", "topic"], registry=registry)
-        self.lag = Gauge("strata_consumer_lag", "records behind the end of the partition",
-                         ["service", "group", "topic", "partition"], registry=registry)
+        self.consumed = Counter(
+            "strata_messages_consumed",
+            "records received by a service",
+            ["service", "topic"],
+            registry=registry,
+        )
+        self.produced = Counter(
+            "strata_messages_produced",
+            "records acknowledged by the broker",
+            ["service", "topic"],
+            registry=registry,
+        )
+        self.handled = Counter(
+            "strata_messages_handled",
+            "records by outcome",
+            ["service", "topic", "outcome"],
+            registry=registry,
+        )
+        self.handler_seconds = Histogram(
+            "strata_handler_seconds",
+            "handler latency",
+            ["service", "topic"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "strata_retries", "handler retries", ["service", "topic"], registry=registry
+        )
+        self.dlq = Counter(
+            "strata_dlq_messages",
+            "records sent to a dead-letter topic",
+            ["service", "topic", "failure_class"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "strata_duplicates_skipped",
+            "redelivered records skipped by idempotency",
+            ["service", "topic"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "strata_consumer_lag",
+            "records behind the end of the partition",
+            ["service", "group", "topic", "partition"],
+            registry=registry,
+        )
         self.retry_budget_exhausted = Counter(
-            "strata_retry_budget_exhausted", "failures not retried because the budget was empty",
-            ["service"], registry=registry)
+            "strata_retry_budget_exhausted",
+            "failures not retried because the budget was empty",
+            ["service"],
+            registry=registry,
+        )
 
 
 _registries: dict[int, BusMetrics] = {}

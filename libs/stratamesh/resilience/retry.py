@@ -40,8 +40,13 @@ class RetryBudget:
     keep the dependency down.  The floor keeps a quiet service able to retry at all.
     """
 
-    def __init__(self, ratio: float = 0.2, min_per_s: float = 10.0, max_tokens: float = 1000.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_per_s: float = 10.0,
+        max_tokens: float = 1000.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.max_tokens = max_tokens

@@ -122,8 +122,9 @@ def generate_identity(keys_dir: Path, identity: str, *, overwrite: bool = False)
     return signing
 
 
-def register_client(keys_dir: Path, name: str, tenant: str, *,
-                    overwrite: bool = False) -> SigningKey:
+def register_client(
+    keys_dir: Path, name: str, tenant: str, *, overwrite: bool = False
+) -> SigningKey:
     """Create a client key bound to ``tenant``; the private key goes to ``client-<name>.key``."""
     if not _CLIENT_NAME.match(name) or not tenant:
         raise ConfigError(f"invalid client name {name!r} or empty tenant")
@@ -166,8 +167,11 @@ def load_signing_key(settings: Settings, identity: str) -> SigningKey:
     if settings.security.private_key:
         return SigningKey.from_base64(identity, settings.security.private_key)
     if not path.exists():
-        hint = (f"strata keys gen --client {identity.removeprefix(CLIENT_PREFIX)} --tenant T"
-                if identity.startswith(CLIENT_PREFIX) else f"strata keys gen {identity}")
+        hint = (
+            f"strata keys gen --client {identity.removeprefix(CLIENT_PREFIX)} --tenant T"
+            if identity.startswith(CLIENT_PREFIX)
+            else f"strata keys gen {identity}"
+        )
         raise ConfigError(
             f"no private key for {identity!r} at {path}: run `{hint}` or set "
             "STRATA_SECURITY__PRIVATE_KEY"
@@ -178,8 +182,11 @@ def load_signing_key(settings: Settings, identity: str) -> SigningKey:
 class Keyring:
     """The public keys a consumer trusts: service identities and registered clients."""
 
-    def __init__(self, services: dict[str, Ed25519PublicKey] | None = None,
-                 clients: dict[str, ClientKey] | None = None) -> None:
+    def __init__(
+        self,
+        services: dict[str, Ed25519PublicKey] | None = None,
+        clients: dict[str, ClientKey] | None = None,
+    ) -> None:
         self._services = dict(services or {})
         self._clients = dict(clients or {})
 
@@ -193,16 +200,18 @@ class Keyring:
         clients: dict[str, ClientKey] = {}
         for name, entry in _read_clients_file(keys_dir / CLIENTS_FILE).items():
             raw = _unb64(entry.get("public_key", ""), f"public key of client {name!r}")
-            clients[name] = ClientKey(name, entry.get("tenant", ""),
-                                      Ed25519PublicKey.from_public_bytes(raw))
+            clients[name] = ClientKey(
+                name, entry.get("tenant", ""), Ed25519PublicKey.from_public_bytes(raw)
+            )
         return cls(services, clients)
 
     def add(self, identity: str, public_key: bytes) -> None:
         self._services[identity] = Ed25519PublicKey.from_public_bytes(public_key)
 
     def add_client(self, name: str, tenant: str, public_key: bytes) -> None:
-        self._clients[name] = ClientKey(name, tenant,
-                                        Ed25519PublicKey.from_public_bytes(public_key))
+        self._clients[name] = ClientKey(
+            name, tenant, Ed25519PublicKey.from_public_bytes(public_key)
+        )
 
     def client(self, identity: str) -> ClientKey | None:
         """The registered client behind ``client:<name>``, if any."""

@@ -105,8 +105,13 @@ class SignatureCache:
             self._seen.popitem(last=False)
 
 
-def verify_record(keyring: Keyring, producer: str, leaf: bytes, header: bytes | None,
-                  cache: SignatureCache | None = None) -> None:
+def verify_record(
+    keyring: Keyring,
+    producer: str,
+    leaf: bytes,
+    header: bytes | None,
+    cache: SignatureCache | None = None,
+) -> None:
     """Raise :class:`SignatureError` unless ``header`` proves ``producer`` signed ``leaf``.
 
     With a ``cache``, every node of a verified audit path is remembered per producer: a
@@ -119,16 +124,18 @@ def verify_record(keyring: Keyring, producer: str, leaf: bytes, header: bytes | 
         raise SignatureError("malformed strata-signature header")
     prefix = producer.encode() + b"\0"
     node = leaf
-    path: list[bytes] = [node]
+    path: list[bytes] = []
     for off in range(1 + _SIG_LEN, len(header), _STEP):
         if cache is not None and cache.check(prefix + node):
-            return
+            break
+        path.append(node)
         side, sibling = header[off], header[off + 1 : off + _STEP]
         node = _node(node, sibling) if side == _RIGHT else _node(sibling, node)
-        path.append(node)
-    if cache is not None and cache.check(prefix + node):
-        return
-    keyring.verify(producer, _ROOT + node, header[1 : 1 + _SIG_LEN])
+    else:
+        if cache is None or not cache.check(prefix + node):
+            keyring.verify(producer, _ROOT + node, header[1 : 1 + _SIG_LEN])
+            path.append(node)
     if cache is not None:
+        # Every node below a verified one is proven too: the batch's next record stops early.
         for n in path:
             cache.add(prefix + n)

@@ -110,7 +110,8 @@ class SqliteIdempotency:
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
                 f"SELECT event_id FROM handled WHERE scope = ? AND expires_at > ? "
-                f"AND event_id IN ({marks})", [scope, now, *chunk]
+                f"AND event_id IN ({marks})",
+                [scope, now, *chunk],
             ).fetchall()
             found.update(r[0] for r in rows)
         return found
@@ -138,5 +139,6 @@ def open_idempotency(settings: Settings, name: str) -> IdempotencyStore:
     """Redis when ``STRATA_REDIS_URL`` is set, else ``$STRATA_HOME/state/<name>.idem.sqlite``."""
     if settings.redis_url:
         return RedisIdempotency(settings.redis_url, settings.idempotency_ttl_s)
-    return SqliteIdempotency(settings.home / "state" / f"{name}.idem.sqlite",
-                             settings.idempotency_ttl_s)
+    return SqliteIdempotency(
+        settings.home / "state" / f"{name}.idem.sqlite", settings.idempotency_ttl_s
+    )
