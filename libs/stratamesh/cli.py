@@ -174,6 +174,23 @@ def run(
     _run(main())
 
 
+@app.command()
+def docs(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write here instead of standard output")
+    ] = None,
+) -> None:
+    """The AsyncAPI 3.0 document of every topic, event (Avro), producer and consumer."""
+    from stratamesh.bus.asyncapi import asyncapi_document
+
+    text = json.dumps(asyncapi_document(Settings().bootstrap_servers), indent=2)
+    if output is None:
+        print(text)
+    else:
+        output.write_text(text + "\n")
+        out.print(f"wrote {output}")
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 
