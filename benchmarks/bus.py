@@ -38,10 +38,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from stratamesh.bus import topics as T
 from stratamesh.bus.admin import create_topic, ensure_topics
+from stratamesh.bus.clients import consumer_config, producer_config
 from stratamesh.bus.middleware import Context
-from stratamesh.bus.producer import producer_config
 from stratamesh.bus.publish import Publisher
-from stratamesh.bus.runtime import consumer_config
 from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.embedded import EmbeddedBroker

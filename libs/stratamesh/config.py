@@ -7,12 +7,14 @@ Examples: ``STRATA_BOOTSTRAP_SERVERS=kafka:9092``, ``STRATA_REDIS_URL=redis://12
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ConsumerSettings",
+    "KafkaSettings",
     "ProducerSettings",
     "RetrySettings",
     "SecuritySettings",
@@ -56,6 +58,18 @@ class RetrySettings(BaseModel):
     budget_min_per_s: float = 10.0
 
 
+class KafkaSettings(BaseModel):
+    """How clients reach the broker: ``STRATA_KAFKA__SECURITY_PROTOCOL=SASL_SSL`` etc."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None  # never logged: SecretStr hides it in reprs
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
 class SecuritySettings(BaseModel):
     keys_dir: Path | None = Field(
         None, description="folder of *.key / *.pub files and clients.json (default HOME/keys)"
@@ -84,6 +98,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
     log_level: str = "INFO"
     log_json: bool = True
+    kafka: KafkaSettings = KafkaSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     producer: ProducerSettings = ProducerSettings()
     retry: RetrySettings = RetrySettings()

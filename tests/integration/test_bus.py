@@ -11,9 +11,9 @@ from aiokafka import AIOKafkaConsumer
 
 from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
+from stratamesh.bus.clients import consumer_config
 from stratamesh.bus.codec import Codec
 from stratamesh.bus.middleware import Context
-from stratamesh.bus.runtime import consumer_config
 from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.errors import Transient

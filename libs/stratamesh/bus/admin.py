@@ -28,16 +28,15 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from stratamesh.bus.offsets import (
+from stratamesh.bus.clients import (
     CONNECTION_ERRORS,
-    OffsetBounds,
-    TopicNotFoundError,
-    bootstrap_servers,
     broker_errors,
     connect_timeout_s,
-    offset_bounds,
+    connection_config,
+    producer_config,
     unreachable,
 )
+from stratamesh.bus.offsets import OffsetBounds, TopicNotFoundError, offset_bounds
 from stratamesh.bus.topics import ALL_TOPICS, DLQ_SUFFIX, TopicSpec, dlq_of, shadow_of, topic
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError, ConfigError
@@ -84,8 +83,7 @@ class GroupActiveError(BrokerError):
 async def open_admin(settings: Settings) -> AsyncIterator[Any]:
     """A started admin client, always closed on exit; :class:`BrokerError` if unreachable."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers(settings),
-        client_id=f"{settings.client_id}-admin",
+        **connection_config(settings, suffix="-admin"),
         request_timeout_ms=settings.producer.request_timeout_ms,
     )
     try:
@@ -111,16 +109,7 @@ async def open_producer(settings: Settings) -> AsyncIterator[Any]:
 
     Stopping flushes what is still buffered.
     """
-    p = settings.producer
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers(settings),
-        client_id=f"{settings.client_id}-tools",
-        acks="all",
-        enable_idempotence=False,
-        linger_ms=p.linger_ms,
-        max_request_size=p.max_request_size,
-        request_timeout_ms=p.request_timeout_ms,
-    )
+    producer = AIOKafkaProducer(**producer_config(settings, suffix="-tools"))
     try:
         async with asyncio.timeout(connect_timeout_s(settings)):
             await producer.start()

@@ -30,9 +30,9 @@ from aiokafka import TopicPartition
 
 from stratamesh.bus import headers as hdr
 from stratamesh.bus.admin import committed_offsets, list_topics, open_producer
+from stratamesh.bus.clients import broker_errors
 from stratamesh.bus.offsets import (
     TopicNotFoundError,
-    broker_errors,
     iter_records,
     offset_bounds,
     open_consumer,

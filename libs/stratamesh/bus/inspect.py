@@ -9,9 +9,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stratamesh.bus import headers as H
+from stratamesh.bus.clients import consumer_config
 from stratamesh.bus.codec import Codec
 from stratamesh.bus.offsets import true_end_offsets
-from stratamesh.bus.runtime import consumer_config
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError, DecodeError
 

@@ -29,19 +29,22 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kerr
 from aiokafka.structs import OffsetAndMetadata
 
+from stratamesh.bus.clients import (
+    CONNECTION_ERRORS,
+    broker_errors,
+    connect_timeout_s,
+    consumer_config,
+    unreachable,
+)
 from stratamesh.config import Settings
-from stratamesh.errors import BrokerError, StrataError
+from stratamesh.errors import BrokerError
 
 __all__ = [
-    "CONNECTION_ERRORS",
     "DEFAULT_SKEW_MS",
     "ConsumerOrSettings",
     "OffsetBounds",
     "TopicNotFoundError",
-    "bootstrap_servers",
-    "broker_errors",
     "commit_offsets",
-    "connect_timeout_s",
     "iter_records",
     "offset_bounds",
     "offset_for_timestamp",
@@ -50,7 +53,6 @@ __all__ = [
     "require_partitions",
     "topic_partitions",
     "true_end_offsets",
-    "unreachable",
 ]
 
 # A started AIOKafkaConsumer (not subscribed to a group), or Settings to open a short-lived one.
@@ -63,81 +65,10 @@ DEFAULT_SKEW_MS = 1_000
 _MAX_SKEW_SCAN = 10_000
 _SKEW_SCAN_CHUNK = 500
 _POLL_MS = 20
-_TOOL_FETCH_WAIT_MS = 5
 
 
 class TopicNotFoundError(BrokerError):
     """The topic does not exist on the broker (tools never create topics implicitly)."""
-
-
-def bootstrap_servers(settings: Settings) -> str:
-    """The configured bootstrap servers, or a :class:`BrokerError` saying how to set them."""
-    if not settings.bootstrap_servers:
-        raise BrokerError(
-            "no broker configured: set STRATA_BOOTSTRAP_SERVERS (host:port of a Kafka broker) "
-            "or start the embedded one with `strata up`"
-        )
-    return settings.bootstrap_servers
-
-
-def connect_timeout_s(settings: Settings) -> float:
-    """How long a tool waits for the broker to answer at connect time (at most 10 s)."""
-    return max(0.5, min(10.0, settings.producer.request_timeout_ms / 1000))
-
-
-def unreachable(settings: Settings, exc: BaseException | None = None) -> BrokerError:
-    """The error for a broker that does not answer, with the way to fix it."""
-    why = (
-        f" ({type(exc).__name__}: {exc})"
-        if exc is not None and str(exc)
-        else (f" ({type(exc).__name__})" if exc is not None else "")
-    )
-    return BrokerError(
-        f"cannot reach the Kafka broker at {settings.bootstrap_servers}{why}; is the broker "
-        "running? set STRATA_BOOTSTRAP_SERVERS to a reachable host:port (or run `strata up`)"
-    )
-
-
-# Errors meaning "the broker did not answer" (as opposed to "the broker said no").
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    kerr.KafkaConnectionError,
-    kerr.NodeNotReadyError,
-    kerr.RequestTimedOutError,
-    kerr.KafkaTimeoutError,
-    TimeoutError,
-    OSError,
-)
-
-
-@contextlib.asynccontextmanager
-async def broker_errors(settings: Settings, action: str) -> AsyncIterator[None]:
-    """Translate aiokafka and socket errors raised inside the block into :class:`BrokerError`."""
-    try:
-        yield
-    except StrataError:
-        raise
-    except CONNECTION_ERRORS as exc:
-        raise unreachable(settings, exc) from exc
-    except kerr.KafkaError as exc:
-        raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _consumer_config(settings: Settings, group_id: str | None) -> dict[str, Any]:
-    c = settings.consumer
-    return {
-        "bootstrap_servers": bootstrap_servers(settings),
-        "client_id": f"{settings.client_id}-tools",
-        "group_id": group_id,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "none",
-        # Tools read data that exists; a fetch parked at the end of a partition would delay
-        # every later request on the connection (Tansu answers requests in order).
-        "fetch_max_wait_ms": min(c.fetch_max_wait_ms, _TOOL_FETCH_WAIT_MS),
-        "max_partition_fetch_bytes": c.max_partition_fetch_bytes,
-        "fetch_max_bytes": max(c.max_partition_fetch_bytes, 50 * 1024 * 1024),
-        "request_timeout_ms": settings.producer.request_timeout_ms,
-        "isolation_level": "read_uncommitted",
-    }
 
 
 @contextlib.asynccontextmanager
@@ -148,7 +79,7 @@ async def open_consumer(settings: Settings, *, group_id: str | None = None) -> A
     (``assign`` + ``commit``).  Raises :class:`BrokerError` within :func:`connect_timeout_s`
     when the broker does not answer.
     """
-    consumer = AIOKafkaConsumer(**_consumer_config(settings, group_id))
+    consumer = AIOKafkaConsumer(**consumer_config(settings, group_id, tool=True))
     try:
         async with asyncio.timeout(connect_timeout_s(settings)):
             await consumer.start()

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from stratamesh.bus import headers as H
+from stratamesh.bus.clients import producer_config
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError
 from stratamesh.obs.metrics import bus_metrics
@@ -35,22 +36,6 @@ class OutRecord:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     partition: int | None = None
     sign: bool = True
-
-
-def producer_config(settings: Settings) -> dict[str, Any]:
-    if not settings.bootstrap_servers:
-        raise BrokerError("no broker configured: set STRATA_BOOTSTRAP_SERVERS or use `strata up`")
-    return {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "acks": "all",
-        # Tansu rejects InitProducerId; duplicates are handled by event ids, not the broker.
-        "enable_idempotence": False,
-        "linger_ms": settings.producer.linger_ms,
-        "max_request_size": settings.producer.max_request_size,
-        "max_batch_size": settings.producer.max_batch_size,
-        "request_timeout_ms": settings.producer.request_timeout_ms,
-    }
 
 
 class MeshProducer:

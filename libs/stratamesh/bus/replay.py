@@ -30,10 +30,10 @@ from stratamesh.bus.admin import (
     open_producer,
     require_inactive,
 )
+from stratamesh.bus.clients import broker_errors
 from stratamesh.bus.offsets import (
     DEFAULT_SKEW_MS,
     OffsetBounds,
-    broker_errors,
     commit_offsets,
     iter_records,
     offset_bounds,

@@ -24,6 +24,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata
 
+from stratamesh.bus.clients import consumer_config
 from stratamesh.bus.middleware import DeadLettered, Handled, InRecord, Outcome, Pipeline
 from stratamesh.bus.producer import MeshProducer, OutRecord
 from stratamesh.config import Settings
@@ -35,24 +36,6 @@ log = structlog.get_logger("stratamesh.bus")
 
 _MAX_SEND_FAILURES = 5
 _MAX_UNACKED_PER_LANE = 10_000
-
-
-def consumer_config(settings: Settings, group: str | None) -> dict[str, Any]:
-    if not settings.bootstrap_servers:
-        raise BrokerError("no broker configured: set STRATA_BOOTSTRAP_SERVERS or use `strata up`")
-    c = settings.consumer
-    return {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "group_id": group,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": c.fetch_max_wait_ms,
-        "session_timeout_ms": c.session_timeout_ms,
-        "heartbeat_interval_ms": c.heartbeat_interval_ms,
-        "max_partition_fetch_bytes": c.max_partition_fetch_bytes,
-        "fetch_max_bytes": max(c.max_partition_fetch_bytes, 50 * 1024 * 1024),
-    }
 
 
 @dataclass(slots=True)
