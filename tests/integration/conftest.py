@@ -1,11 +1,13 @@
-"""Fixtures for tests against the real embedded broker: keys, topics, services."""
+"""Fixtures for tests against the real embedded broker: keys, topics, services, a raw producer."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from stratamesh.bus.admin import ensure_topics
 from stratamesh.bus.publish import Publisher
@@ -54,6 +56,28 @@ async def env(settings: Settings) -> AsyncIterator[Env]:
         await svc.stop()
     for pub in e.publishers:
         await pub.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def producer_options() -> dict[str, Any]:
+    """Extra ``AIOKafkaProducer`` options for ``producer``: a test module overrides this."""
+    return {}
+
+
+@pytest.fixture
+async def producer(
+    settings: Settings, producer_options: dict[str, Any]
+) -> AsyncIterator[AIOKafkaProducer]:
+    """A raw producer on the broker (no signing, no envelope), for writing records as-is."""
+    p = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=False,
+        **producer_options,
+    )
+    await p.start()
+    yield p
+    await p.stop()
 
 
 Waiter = Callable[..., object]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,9 +17,10 @@ from stratamesh.bus.dlq import (
     read_dlq,
     redrive,
 )
-from stratamesh.bus.offsets import TopicNotFoundError, iter_records, open_consumer, true_end_offsets
+from stratamesh.bus.offsets import TopicNotFoundError, true_end_offsets
 from stratamesh.config import Settings
 from stratamesh.errors import ConfigError
+from tests.integration.records import read_topic
 
 Header = tuple[str, bytes]
 
@@ -69,26 +69,9 @@ def dead_letter(
 
 
 @pytest.fixture
-async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        acks="all",
-        enable_idempotence=False,
-        linger_ms=20,
-    )
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def read_topic(settings: Settings, topic: str, partitions: int) -> list[Any]:
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    ends = await true_end_offsets(settings, tps)
-    out: list[Any] = []
-    async with open_consumer(settings) as consumer:
-        async for _, records in iter_records(consumer, {tp: (0, ends[tp]) for tp in tps}):
-            out.extend(records)
-    return out
+def producer_options() -> dict[str, Any]:
+    """Linger, so that several sends to one DLQ partition share a multi-record batch."""
+    return {"linger_ms": 20}
 
 
 async def test_list_read_and_redrive_byte_identical_once(

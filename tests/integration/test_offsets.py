@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -21,38 +21,9 @@ from stratamesh.bus.offsets import (
     true_end_offsets,
 )
 from stratamesh.config import Settings
+from tests.integration.records import produce_batch
 
 BASE_TS = 1_700_000_000_000
-
-
-@pytest.fixture
-async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=False
-    )
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def produce_batch(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    timestamps: Sequence[int],
-    prefix: bytes = b"r",
-) -> None:
-    """One record batch (several records in ONE batch: what Tansu's ListOffsets gets wrong)."""
-    batch = producer.create_batch()
-    for i, ts in enumerate(timestamps):
-        assert (
-            batch.append(
-                key=b"k%d" % i, value=prefix + b"%d" % i, timestamp=ts, headers=[("h", b"x")]
-            )
-            is not None
-        )
-    batch.close()
-    await (await producer.send_batch(batch, topic, partition=partition))
 
 
 async def test_true_end_offsets_after_batched_produce(

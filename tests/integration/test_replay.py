@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stratamesh.bus import headers as hdr
 from stratamesh.bus.admin import create_topic, group_is_active, group_offsets, list_topics
-from stratamesh.bus.offsets import commit_offsets, iter_records, open_consumer, true_end_offsets
+from stratamesh.bus.offsets import commit_offsets
 from stratamesh.bus.replay import (
     GroupActiveError,
     copy_range,
@@ -23,50 +22,7 @@ from stratamesh.bus.replay import (
 )
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError, ConfigError
-
-
-@pytest.fixture
-async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=False
-    )
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def produce_batch(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    timestamps: Sequence[int],
-    *,
-    tag: bytes = b"",
-    headers: list[tuple[str, bytes]] | None = None,
-) -> None:
-    batch = producer.create_batch()
-    for i, ts in enumerate(timestamps):
-        assert (
-            batch.append(
-                key=b"key-%d-%d" % (partition, ts),
-                value=tag + b"%d" % i,
-                timestamp=ts,
-                headers=headers or [("n", b"%d" % i)],
-            )
-            is not None
-        )
-    batch.close()
-    await (await producer.send_batch(batch, topic, partition=partition))
-
-
-async def read_all(settings: Settings, topic: str, partitions: int) -> list[Any]:
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    ends = await true_end_offsets(settings, tps)
-    out: list[Any] = []
-    async with open_consumer(settings) as consumer:
-        async for _, records in iter_records(consumer, {tp: (0, ends[tp]) for tp in tps}):
-            out.extend(records)
-    return out
+from tests.integration.records import produce_batch, read_topic
 
 
 async def test_reset_to_offset_dry_run_then_execute(
@@ -226,8 +182,8 @@ async def test_copy_range_into_shadow_is_byte_identical(
     assert result.copied == {0: 5, 1: 0, 2: 2} and result.total == 7
     assert (await list_topics(settings))[result.target] == 3
 
-    source = {(r.partition, r.offset): r for r in await read_all(settings, topic, 3)}
-    copies = await read_all(settings, result.target, 3)
+    source = {(r.partition, r.offset): r for r in await read_topic(settings, topic, 3)}
+    copies = await read_topic(settings, result.target, 3)
     assert len(copies) == 7
     expected = [(0, o) for o in range(2, 7)] + [(2, 2), (2, 3)]
     by_partition: dict[int, list[Any]] = {}
@@ -251,7 +207,7 @@ async def test_copy_range_into_shadow_is_byte_identical(
     assert by_time.total == 6
     ids = {
         h
-        for r in await read_all(settings, f"audit-{unique}", 3)
+        for r in await read_topic(settings, f"audit-{unique}", 3)
         for k, h in r.headers
         if k == hdr.REPLAY
     }
