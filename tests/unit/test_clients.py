@@ -15,8 +15,11 @@ def test_security_settings_reach_every_client(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("STRATA_KAFKA__SASL_PASSWORD", "s3cret")
     settings = Settings()
     assert "s3cret" not in repr(settings)
-    for config in (producer_config(settings), consumer_config(settings, "g"),
-                   consumer_config(settings, None, tool=True)):
+    for config in (
+        producer_config(settings),
+        consumer_config(settings, "g"),
+        consumer_config(settings, None, tool=True),
+    ):
         assert config["bootstrap_servers"] == "kafka-1:9093"
         assert config["security_protocol"] == "SASL_PLAINTEXT"
         assert config["sasl_mechanism"] == "SCRAM-SHA-512"

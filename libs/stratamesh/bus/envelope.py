@@ -68,6 +68,14 @@ class Envelope:
         )
 
     @property
+    def trace_id(self) -> str | None:
+        """The trace id alone, cheaply (every log line carries it; no full parse)."""
+        tp = self.traceparent
+        if tp is None or len(tp) != 55 or tp[2:3] != b"-":
+            return None
+        return tp[3:35].decode("ascii", "replace")
+
+    @property
     def trace(self) -> TraceContext | None:
         """The W3C trace context of the record (parsed on first use; None if malformed)."""
         return TraceContext.parse(self.traceparent)

@@ -363,14 +363,13 @@ class Pipeline:
         sub = self.subscriptions[record.topic]
         if env.unsigned_ingress and not env.tenant:
             env = replace(env, tenant=event.tenant)
-        trace = env.trace
         bind_record(
             service=self.service,
             event_type=env.event_type,
             event_id=env.event_id,
             request_id=env.request_id,
             doc_id=env.doc_id,
-            trace_id=trace.trace_id if trace else None,
+            trace_id=env.trace_id,
             tenant=env.tenant,
             topic=record.topic,
         )

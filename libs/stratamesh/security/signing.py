@@ -43,12 +43,13 @@ MAX_BATCH = 64
 
 def leaf_hash(key: bytes | None, value: bytes, headers: Mapping[str, bytes]) -> bytes:
     parts = [_LEAF]
-    for part in (key, value, *(headers.get(name) for name in SIGNED_HEADERS)):
+    append, pack = parts.append, _LEN.pack
+    for part in (key, value, *[headers.get(name) for name in SIGNED_HEADERS]):
         if part is None:
-            parts.append(_ABSENT)
+            append(_ABSENT)
         else:
-            parts.append(_LEN.pack(len(part)))
-            parts.append(part)
+            append(pack(len(part)))
+            append(part)
     return hashlib.sha256(b"".join(parts)).digest()
 
 
