@@ -143,16 +143,12 @@ def run(
     bootstrap: Bootstrap = None,
 ) -> None:
     """Run one service until Ctrl-C (its key must exist: `strata keys gen NAME`)."""
-    from stratamesh.bus.service import Service
     from stratamesh.embedded.registry import load_service
     from stratamesh.obs.logging import configure_logging
 
     settings = _settings(bootstrap)
     configure_logging(settings.log_level, json=settings.log_json, service=name)
-    template = load_service(name)
-    svc = Service(template.name, identity=identity or template.identity, shadow=shadow)
-    for sub in template.subscriptions.values():
-        svc.subscribe(sub.topic, stage=sub.stage)(sub.handler)
+    svc = load_service(name).variant(identity=identity, shadow=shadow)
 
     async def main() -> None:
         import signal

@@ -299,3 +299,25 @@ async def test_expired_deadline_goes_to_dlq_and_stage_filter_skips(env: Env) -> 
     assert seen[0][0].event_id == mine.event_id
     dead = await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 1, timeout=3)
     assert [H.header_dict(d.headers)[H.DLT_FAILURE_CLASS] for d in dead] == [b"deadline"]
+
+
+async def test_batched_subscription_gets_micro_batches_from_the_broker(env: Env) -> None:
+    client = env.client("web", "acme")
+    pub = await env.publisher(client)
+    events = [sample_event(InferenceRequested, request_id="same-partition") for _ in range(40)]
+    for ev in events:
+        pub.producer.send(pub.record(ev))
+    await pub.producer.flush()
+    sizes: list[int] = []
+    seen: list[str] = []
+
+    async def handler(items: list[tuple[Any, Context]]) -> None:
+        sizes.append(len(items))
+        seen.extend(e.event_id for e, _ in items)
+
+    svc = Service("guard")
+    svc.subscribe(T.REQUESTS_SUBMITTED, batch_size=16, batch_wait_ms=50)(handler)
+    await env.start(svc)
+    await eventually(lambda: len(seen) == 40)
+    assert seen == [e.event_id for e in events]  # one partition: order kept
+    assert max(sizes) == 16 and len(sizes) <= 5

@@ -86,3 +86,39 @@ async def test_duplicates_and_other_stages_are_skipped() -> None:
     assert isinstance(outcomes[0], Handled)
     assert outcomes[1] == Skipped("duplicate") and outcomes[2] == Skipped("not-this-stage")
     assert len(seen) == 1
+
+
+async def test_batched_handler_gets_a_batch_and_isolates_a_poison_record() -> None:
+    calls: list[int] = []
+    svc = Service("guard")
+
+    @svc.subscribe(T.REQUESTS_SUBMITTED, batch_size=8)
+    async def admit(items: list[tuple[InferenceRequested, Context]]) -> None:
+        calls.append(len(items))
+        for event, ctx in items:
+            if event.prompt == "poison":
+                raise ValueError("cannot handle this one")
+            ctx.publish(
+                sample_event(
+                    RequestAdmitted,
+                    event_id=ctx.derive_id(),
+                    request_id=event.request_id,
+                    tenant=ctx.tenant,
+                )
+            )
+
+    mesh = MemoryMesh(svc)
+    client = mesh.client("web", tenant="acme")
+    for i in range(5):
+        await mesh.publish(
+            sample_event(
+                InferenceRequested, request_id=f"r{i}", prompt="poison" if i == 2 else "fine"
+            ),
+            as_=client,
+        )
+    await mesh.run_until_idle()
+    # one call with all five, then one call per record after it failed
+    assert calls == [5, 1, 1, 1, 1, 1]
+    kinds = [type(o).__name__ for *_, o in mesh.outcomes]
+    assert kinds == ["Handled", "Handled", "DeadLettered", "Handled", "Handled"]
+    assert len(mesh.topics[T.REQUESTS_ADMITTED]) == 4

@@ -151,14 +151,25 @@ class Context:
         )
 
 
-Handler = Callable[[Any, Context], Awaitable[None]]
+# `async def h(event, ctx)`, or for a batched subscription `async def h([(event, ctx), ...])`.
+Handler = Callable[..., Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
+    """A handler of one topic.  With ``batch_size`` > 1 the handler takes a list of
+    ``(event, ctx)`` pairs: up to that many records of one partition, gathered for at most
+    ``batch_wait_ms`` (micro-batching across messages, e.g. for a model call)."""
+
     topic: str
     handler: Handler
     stage: str | None = None
+    batch_size: int = 1
+    batch_wait_ms: int = 0
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_size > 1
 
 
 @dataclass(slots=True)
@@ -271,9 +282,76 @@ class Pipeline:
             self._remember(outcome.event_id)
         return outcome
 
+    async def run_batch(self, items: Sequence[Prepared]) -> list[Outcome]:
+        """Outcomes of prepared records of one batched subscription, in order.
+
+        The handler first gets every admitted record at once.  If that call fails, each
+        record is handled alone (the usual retry and dead-letter path, the handler called
+        with a one-item list), so one poison record never takes its neighbours with it.
+        """
+        outcomes: list[Outcome | None] = [None] * len(items)
+        batch: list[tuple[int, Admitted, Context]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, Decided):
+                outcomes[i] = item.outcome
+            elif item.envelope.event_id in self._recent:
+                self._m(item.record.topic).duplicates.inc()
+                outcomes[i] = Skipped("duplicate")
+            elif item.envelope.expired():
+                exc = DeadlineExceeded(f"deadline {item.envelope.deadline_ms} passed")
+                outcomes[i] = self.dead_letter(item.record, exc, FailureClass.DEADLINE, 1)
+            else:
+                env = self._effective_envelope(item)
+                batch.append((i, item, Context(self, item.record, env, 1)))
+        if batch:
+            topic_name = batch[0][1].record.topic
+            sub = self.subscriptions[topic_name]
+            bind_record(
+                service=self.service,
+                event_type=batch[0][2].envelope.event_type,
+                event_id=None,
+                request_id=None,
+                doc_id=None,
+                trace_id=None,
+                tenant=None,
+                topic=topic_name,
+            )
+            started = time.perf_counter()
+            try:
+                await sub.handler([(item.event, ctx) for _, item, ctx in batch])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "batch failed, handling its records one by one",
+                    error=type(exc).__name__,
+                    size=len(batch),
+                )
+                for i, item, _ in batch:
+                    outcomes[i] = await self.run(item)
+            else:
+                elapsed = time.perf_counter() - started
+                m = self._m(topic_name)
+                for i, _item, ctx in batch:
+                    m.seconds.observe(elapsed / len(batch))
+                    m.ok.inc()
+                    self.budget.deposit()
+                    self._remember(ctx.event_id)
+                    outcomes[i] = Handled(ctx.event_id, ctx.outputs)
+        return [o for o in outcomes if o is not None]
+
     async def process(self, records: Sequence[InRecord]) -> list[tuple[InRecord, Outcome]]:
         """Prepare and run a batch in order (the in-memory harness and tests use this)."""
-        return [(item.record, await self.run(item)) for item in await self.prepare(records)]
+        prepared = await self.prepare(records)
+        if not prepared:
+            return []
+        sub = self.subscriptions.get(prepared[0].record.topic)
+        if sub is not None and sub.batched:
+            outcomes: list[Outcome] = []
+            for i in range(0, len(prepared), sub.batch_size):
+                outcomes += await self.run_batch(prepared[i : i + sub.batch_size])
+            return [(item.record, o) for item, o in zip(prepared, outcomes, strict=True)]
+        return [(item.record, await self.run(item)) for item in prepared]
 
     def _m(self, topic_name: str) -> _TopicMetrics:
         found = self._metric_children.get(topic_name)
@@ -358,11 +436,17 @@ class Pipeline:
             raise SignatureError("strata-tenant header does not match the payload")
         return event
 
-    async def _handle(self, item: Admitted) -> Outcome:
-        record, env, event = item.record, item.envelope, item.event
-        sub = self.subscriptions[record.topic]
+    @staticmethod
+    def _effective_envelope(item: Admitted) -> Envelope:
+        env = item.envelope
         if env.unsigned_ingress and not env.tenant:
-            env = replace(env, tenant=event.tenant)
+            return replace(env, tenant=item.event.tenant)
+        return env
+
+    async def _handle(self, item: Admitted) -> Outcome:
+        record, event = item.record, item.event
+        env = self._effective_envelope(item)
+        sub = self.subscriptions[record.topic]
         bind_record(
             service=self.service,
             event_type=env.event_type,
@@ -382,7 +466,10 @@ class Pipeline:
             ctx = Context(self, record, env, attempt)
             started = time.perf_counter()
             try:
-                await sub.handler(event, ctx)
+                if sub.batched:
+                    await sub.handler([(event, ctx)])
+                else:
+                    await sub.handler(event, ctx)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

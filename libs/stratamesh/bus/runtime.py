@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -197,22 +198,44 @@ class KafkaRuntime:
     async def _lane_loop(self, lane: _Lane) -> None:
         limit = self.settings.consumer.max_poll_records
         resume_below = self.settings.consumer.partition_buffer // 2
+        sub = self.pipeline.subscriptions.get(lane.tp.topic)
+        batch_size = sub.batch_size if sub is not None and sub.batched else 0
         while not lane.stopping:
             if not lane.queue:
                 lane.wake.clear()
                 await lane.wake.wait()
                 continue
-            chunk = [lane.queue.popleft() for _ in range(min(limit, len(lane.queue)))]
-            for item in await self.pipeline.prepare(chunk):
-                if lane.stopping:
-                    return  # the rest is redelivered to the partition's next owner
-                outcome = await self.pipeline.run(item)
-                self._emit(lane, item.record, outcome)
-                if len(lane.unacked) > _MAX_UNACKED_PER_LANE:
-                    await asyncio.wait(lane.unacked[0].futures)
+            if batch_size:
+                await self._fill(lane, batch_size, sub.batch_wait_ms if sub else 0)
+                chunk = [lane.queue.popleft() for _ in range(min(batch_size, len(lane.queue)))]
+                prepared = await self.pipeline.prepare(chunk)
+                for item, outcome in zip(
+                    prepared, await self.pipeline.run_batch(prepared), strict=True
+                ):
+                    self._emit(lane, item.record, outcome)
+            else:
+                chunk = [lane.queue.popleft() for _ in range(min(limit, len(lane.queue)))]
+                for item in await self.pipeline.prepare(chunk):
+                    if lane.stopping:
+                        return  # the rest is redelivered to the partition's next owner
+                    self._emit(lane, item.record, await self.pipeline.run(item))
+                    if len(lane.unacked) > _MAX_UNACKED_PER_LANE:
+                        await asyncio.wait(lane.unacked[0].futures)
             if lane.paused and len(lane.queue) < resume_below and lane.tp in self._lanes:
                 self._consumer.resume(lane.tp)
                 lane.paused = False
+
+    @staticmethod
+    async def _fill(lane: _Lane, size: int, wait_ms: int) -> None:
+        """Wait up to ``wait_ms`` for the lane to hold ``size`` records (a fuller batch)."""
+        deadline = time.monotonic() + wait_ms / 1000
+        while len(lane.queue) < size and not lane.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            lane.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wake.wait(), remaining)
 
     def _emit(self, lane: _Lane, record: InRecord, outcome: Outcome) -> None:
         if isinstance(outcome, Handled):

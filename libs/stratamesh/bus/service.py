@@ -56,19 +56,45 @@ class Service:
         self.runtime: KafkaRuntime | None = None
         self.producer: MeshProducer | None = None
 
-    def subscribe(self, topic_name: str, *, stage: str | None = None) -> Callable[[H_], H_]:
-        """Register the handler of ``topic_name``; with ``stage``, only records whose
-        ``strata-next`` header names that stage (or that carry none) reach it."""
+    def subscribe(
+        self,
+        topic_name: str,
+        *,
+        stage: str | None = None,
+        batch_size: int = 1,
+        batch_wait_ms: int = 0,
+    ) -> Callable[[H_], H_]:
+        """Register the handler of ``topic_name``.
+
+        With ``stage``, only records whose ``strata-next`` header names that stage (or that
+        carry none) reach it.  With ``batch_size`` > 1 the handler receives a list of
+        ``(event, ctx)`` pairs of one partition (see :class:`Subscription`).
+        """
+        if batch_size < 1 or batch_wait_ms < 0:
+            raise ConfigError("batch_size must be ≥ 1 and batch_wait_ms ≥ 0")
         topic(topic_name)  # fail fast on a typo
 
         def register(handler: H_) -> H_:
             name = self.namespace + topic_name
             if name in self.subscriptions:
                 raise ConfigError(f"{self.name} subscribes to {name} twice")
-            self.subscriptions[name] = Subscription(name, handler, stage)
+            self.subscriptions[name] = Subscription(name, handler, stage, batch_size, batch_wait_ms)
             return handler
 
         return register
+
+    def variant(
+        self, *, identity: str | None = None, group: str | None = None, shadow: bool = False
+    ) -> Service:
+        """The same handlers under another identity, consumer group or namespace (e.g. a
+        replica ``infer.r2``, a re-index group ``embed@model``, a shadow pipeline)."""
+        other = Service(self.name, identity=identity or self.identity, group=group, shadow=shadow)
+        for sub in self.subscriptions.values():
+            base = sub.topic.removeprefix(self.namespace)
+            other.subscribe(
+                base, stage=sub.stage, batch_size=sub.batch_size, batch_wait_ms=sub.batch_wait_ms
+            )(sub.handler)
+        return other
 
     @property
     def topics(self) -> list[str]:
