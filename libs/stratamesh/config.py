@@ -39,6 +39,8 @@ class ConsumerSettings(BaseModel):
     # Records buffered per partition before that partition's fetching is paused.
     partition_buffer: int = 1_000
     commit_interval_ms: int = 200
+    # Young-generation GC threshold for services (see stratamesh.bus.tuning); 0 = default.
+    gc_gen0_threshold: int = 100_000
     # How long a revoked or stopping partition may finish its in-flight record.
     drain_timeout_s: float = 5.0
 

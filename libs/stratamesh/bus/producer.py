@@ -17,6 +17,7 @@ from aiokafka.structs import RecordMetadata
 
 from stratamesh.bus import headers as H
 from stratamesh.bus.clients import producer_config
+from stratamesh.bus.tuning import tune_gc
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError
 from stratamesh.obs.metrics import bus_metrics
@@ -57,6 +58,7 @@ class MeshProducer:
         self._inflight: set[asyncio.Future[RecordMetadata]] = set()
 
     async def start(self) -> None:
+        tune_gc(self.settings.consumer.gc_gen0_threshold)
         try:
             await self._producer.start()
         except Exception as exc:

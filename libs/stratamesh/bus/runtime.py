@@ -28,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata, RecordMetadata
 from stratamesh.bus.clients import consumer_config
 from stratamesh.bus.middleware import DeadLettered, Handled, InRecord, Outcome, Pipeline
 from stratamesh.bus.producer import MeshProducer, OutRecord
+from stratamesh.bus.tuning import tune_gc
 from stratamesh.config import Settings
 from stratamesh.errors import BrokerError
 
@@ -93,6 +94,7 @@ class KafkaRuntime:
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        tune_gc(self.settings.consumer.gc_gen0_threshold)
         try:
             await self._consumer.start()
         except Exception as exc:
