@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass
 
 __all__ = ["TraceContext"]
 
+_rng = random.Random(int.from_bytes(os.urandom(16), "big"))
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -19,7 +21,8 @@ class TraceContext:
 
     @classmethod
     def new(cls) -> TraceContext:
-        return cls(os.urandom(16).hex(), os.urandom(8).hex())
+        # Trace ids need to be unique, not secret: a PRNG draw costs far less than urandom.
+        return cls(f"{_rng.getrandbits(128) or 1:032x}", f"{_rng.getrandbits(64) or 1:016x}")
 
     @classmethod
     def parse(cls, header: bytes | str | None) -> TraceContext | None:
@@ -34,7 +37,7 @@ class TraceContext:
 
     def child(self) -> TraceContext:
         """A new span in the same trace, for an event produced while handling this one."""
-        return TraceContext(self.trace_id, os.urandom(8).hex(), self.flags)
+        return TraceContext(self.trace_id, f"{_rng.getrandbits(64) or 1:016x}", self.flags)
 
     @property
     def header(self) -> bytes:
