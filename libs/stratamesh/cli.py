@@ -171,6 +171,76 @@ def run(
 
 
 @app.command()
+def ingest(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="files (.txt .md .html), folders, or BEIR corpus JSONL files"),
+    ],
+    as_: Annotated[
+        str, typer.Option("--as", help="client identity that signs the documents")
+    ] = "client:local",
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="publish and return without waiting for ingest's verdicts"),
+    ] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Submit documents to the knowledge plane and summarise accepted / rejected / unchanged."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from stratamesh.docs_client import ingest_paths
+
+    settings = _settings(bootstrap)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("documents", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = _run(
+            ingest_paths(settings, paths, identity=as_, progress=progress, wait=not no_wait)
+        )
+    out.print(summary.describe())
+
+
+@app.command()
+def reindex(
+    embed_model: Annotated[
+        str | None,
+        typer.Option(
+            help="the new embedding model (a local "
+            "sentence-transformers path/name, or a "
+            "model at STRATA_EMBED__ENDPOINT)"
+        ),
+    ] = None,
+    rollback: Annotated[
+        bool, typer.Option(help="point the live alias back at the previous collection")
+    ] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Re-index by replay: embed docs.chunked again with another model into a new collection,
+    then swap the live alias once caught up (`--rollback` swaps back)."""
+    from stratamesh.reindex import reindex as run_reindex
+
+    if not rollback and not embed_model:
+        err.print("[red]error:[/red] give --embed-model NAME, or --rollback")
+        raise typer.Exit(2)
+    settings = _settings(bootstrap)
+
+    def progress(**state: object) -> None:
+        err.print("  " + "  ".join(f"{k}={v}" for k, v in state.items()))
+
+    result = _run(run_reindex(settings, embed_model or "", progress=progress, rollback=rollback))
+    out.print(str(result))
+
+
+@app.command()
 def docs(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="write here instead of standard output")
