@@ -54,13 +54,20 @@ class EmbedService(Service):
     """A :class:`Service` that owns its vectoriser: it adopts the settings the service is
     started with (Redis URL) and closes the model client and cache when stopped."""
 
-    def __init__(self, vectoriser: Vectoriser, *, group: str | None = None) -> None:
-        super().__init__(SERVICE, group=group)
+    def __init__(
+        self, vectoriser: Vectoriser, *, group: str | None = None, identity: str | None = None
+    ) -> None:
+        super().__init__(SERVICE, group=group, identity=identity)
         self.vectoriser = vectoriser
 
     def build_pipeline(self, settings: Settings, **kw: Any) -> Pipeline:
         self.vectoriser.bind(settings)
         return super().build_pipeline(settings, **kw)
+
+    async def start(self, settings: Settings, **kw: Any) -> None:
+        self.vectoriser.bind(settings)
+        await self.vectoriser.warm()  # load the model before taking partitions
+        await super().start(settings, **kw)
 
     async def stop(self) -> None:
         await super().stop()
@@ -90,14 +97,21 @@ def build_service(
     settings: Settings,
     *,
     group: str | None = None,
+    identity: str | None = None,
     embedder: Embedder | None = None,
     cache: EmbeddingCache | None = None,
 ) -> EmbedService:
-    """An embed service for ``settings.embed`` (model loaded on first use) in consumer group
-    ``group`` (default ``embed``).  ``embedder`` / ``cache`` replace the ones the settings
-    describe (tests, tools)."""
+    """An embed service for ``settings.embed`` in consumer group ``group`` (default: the
+    identity).  The model loads when the service starts (or on first use in the in-memory
+    harness).  ``embedder`` / ``cache`` replace the ones the settings describe (tests, tools).
+
+    Output ids are derived from the input id and the *identity* (``ctx.derive_id``): a
+    re-index instance that keeps the identity ``embed`` emits the same event ids as the live
+    one for the same chunks — fine while every index consumer group handles one model; give
+    it ``identity=f"embed.{name}"`` (any ``embed.*`` identity may produce ``docs.embedded``;
+    it needs its own key) when both kinds must be told apart by id."""
     vectoriser = Vectoriser(settings, embedder=embedder, cache=cache)
-    svc = EmbedService(vectoriser, group=group)
+    svc = EmbedService(vectoriser, group=group, identity=identity)
     size, wait_ms = settings.embed.batch_size, settings.embed.batch_wait_ms
     breaker_metrics()
 

@@ -75,6 +75,12 @@ class Vectoriser:
             log.info("embedder ready", model=model_stamp(self._embedder))
         return self._embedder
 
+    async def warm(self) -> None:
+        """Make the embedder and load its model now (in a worker thread), if it has one."""
+        load = getattr(self.embedder, "load", None)
+        if callable(load):
+            await asyncio.to_thread(load)
+
     @property
     def stamp(self) -> str:
         return model_stamp(self.embedder)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from stratamesh.services.embed.app import build_service, chunk_text
@@ -15,7 +18,7 @@ from stratamesh.bus import topics as T
 from stratamesh.bus.middleware import DeadLettered, Handled, Skipped
 from stratamesh.bus.testing import MemoryMesh
 from stratamesh.config import Settings
-from stratamesh.errors import Poison, Transient
+from stratamesh.errors import ConfigError, Poison, Transient
 from stratamesh.events import (
     Chunk,
     ChunksEmbedded,
@@ -28,8 +31,16 @@ from stratamesh.events import (
     derived_event_id,
 )
 from stratamesh.events.testing import sample_event
-from stratamesh.models.embedders import Vectors
+from stratamesh.models.embedders import (
+    DEFAULT_MODEL,
+    LocalEmbedder,
+    OpenAIEmbedder,
+    Vectors,
+    make_embedder,
+    model_stamp,
+)
 from stratamesh.models.sparse import SPARSE_MODEL, document_vector, query_vector
+from stratamesh.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen
 
 DIM = 8
 
@@ -262,3 +273,104 @@ def test_a_reindex_instance_has_its_own_group_and_model() -> None:
 def test_chunk_text_prefixes_the_title_once(title: str, text: str, expected: str) -> None:
     assert chunk_text(chunk("d", 0, text, title)) == expected
     assert chunk_text(chunk("d", 0, f"{title} {text}", title)) == f"{title} {text}"
+
+
+# -- the remote embedder's error mapping (httpx's in-process transport: no sockets) --------
+
+
+def remote(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> OpenAIEmbedder:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return OpenAIEmbedder(
+        "http://embed.test/v1",
+        "m",
+        revision="r",
+        client=client,
+        breaker=CircuitBreaker("unit-remote", recovery_s=60),
+        backoff=Backoff(0.0, 0.0),
+        **kw,
+    )
+
+
+def ok(request: httpx.Request) -> httpx.Response:
+    texts = json.loads(request.content)["input"]
+    data = [{"index": i, "embedding": [float(len(t)), 1.0]} for i, t in enumerate(texts)]
+    return httpx.Response(200, json={"data": data[::-1]})
+
+
+async def test_remote_vectors_are_normalised_in_input_order_and_split_per_request() -> None:
+    seen: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url == "http://embed.test/v1/embeddings"
+        seen.append(json.loads(request.content)["input"])
+        return ok(request)
+
+    e = remote(handler, max_inputs=2)
+    vectors = await e.embed(["a", "bbb", "cc"])
+    assert sorted(map(len, seen)) == [1, 2]
+    expected = np.array([[1, 1], [3, 1], [2, 1]], dtype=np.float32)
+    assert np.allclose(vectors, expected / np.linalg.norm(expected, axis=1, keepdims=True))
+    assert model_stamp(e) == "m@r"
+
+
+async def test_remote_4xx_is_poison_and_does_not_count_against_the_endpoint() -> None:
+    e = remote(lambda _: httpx.Response(400, text="input too long"))
+    for _ in range(5):
+        with pytest.raises(Poison, match="input too long"):
+            await e.embed(["x"])
+    assert e.breaker.state is BreakerState.CLOSED
+
+
+async def test_remote_429_is_transient_with_retry_after_and_never_opens_the_breaker() -> None:
+    e = remote(lambda _: httpx.Response(429, headers={"Retry-After": "7"}))
+    for _ in range(5):
+        with pytest.raises(Transient) as raised:
+            await e.embed(["x"])
+        assert raised.value.retry_after == 7.0
+    assert e.breaker.state is BreakerState.CLOSED
+
+
+async def test_remote_5xx_is_retried_once_then_transient_and_opens_the_breaker() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(503)
+
+    e = remote(handler)
+    with pytest.raises(Transient):
+        await e.embed(["x"])
+    assert calls == 2  # the call and its one retry
+    with pytest.raises(Transient):
+        await e.embed(["x"])  # third consecutive failure opens it; the retry is refused
+    assert calls == 3 and e.breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen) as raised:
+        await e.embed(["x"])
+    assert calls == 3 and 59 < (raised.value.retry_after or 0) <= 60
+
+
+async def test_remote_malformed_answers_and_timeouts_are_transient() -> None:
+    e = remote(lambda _: httpx.Response(200, json={"data": [{"index": 0}]}))
+    with pytest.raises(Transient, match="malformed"):
+        await e.embed(["x"])
+
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    with pytest.raises(Transient, match="timed out"):
+        await remote(hang).embed(["x"])
+
+
+def test_make_embedder_picks_remote_local_or_refuses() -> None:
+    remote_settings = Settings(embed={"endpoint": "http://tei:8080", "model": "bge"})  # type: ignore[arg-type]
+    e = make_embedder(remote_settings)
+    assert isinstance(e, OpenAIEmbedder) and e.url == "http://tei:8080/v1/embeddings"
+    assert e.revision == "unpinned"
+    local = make_embedder(Settings())
+    assert isinstance(local, LocalEmbedder) and local.model_id == DEFAULT_MODEL
+    assert local.revision.startswith("0.1.0+")  # package version + hash of its files
+    with pytest.raises(ConfigError, match="neither"):
+        make_embedder(Settings(embed={"model": "no/such-model"}))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="REVISION"):
+        make_embedder(Settings(embed={"revision": "0.0.0+000000000000"}))  # type: ignore[arg-type]

