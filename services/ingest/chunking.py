@@ -42,8 +42,10 @@ __all__ = [
     "CHUNKER_VERSION",
     "MODEL_PROFILE",
     "ChunkText",
+    "Measure",
     "Profile",
     "chunk_blocks",
+    "chunk_documents",
     "chunk_id",
     "profile_names",
     "resolve_profile",
@@ -205,11 +207,57 @@ def _separator(prev: Block | None, block: Block) -> str:
     return "\n\n"
 
 
+class Measure:
+    """Sentence splits and token counts of many documents' blocks, counted in one call.
+
+    One batched tokenizer call for a whole batch of documents costs far less than one
+    call per paragraph (and the tokenizer spreads a large batch over the cores).
+    """
+
+    def __init__(self, tokenizer: TokenCounter) -> None:
+        self.tok = tokenizer
+        self.sentences: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+
+    def prose(self, block: Block) -> list[str]:
+        found = self.sentences.get(block.text)
+        if found is None:
+            found = split_sentences(block.text) or [block.text]
+            indent = block.text[: len(block.text) - len(block.text.lstrip())]  # nested items
+            if indent:
+                found = [indent + found[0], *found[1:]]
+            self.sentences[block.text] = found
+        return found
+
+    def prepare(self, documents: Sequence[Sequence[Block]]) -> None:
+        todo: set[str] = set()
+        for blocks in documents:
+            for b in blocks:
+                if b.kind in ("heading", "table", "code"):
+                    todo.add(b.text)
+                else:
+                    todo.update(self.prose(b))
+        todo.difference_update(self.counts)
+        texts = list(todo)
+        self.counts.update(zip(texts, self.tok.count_many(texts), strict=True))
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        counts = self.counts
+        missing = [t for t in texts if t not in counts]
+        if missing:
+            counts.update(zip(missing, self.tok.count_many(missing), strict=True))
+        return [counts[t] for t in texts]
+
+    def count(self, text: str) -> int:
+        return self.count_many([text])[0]
+
+
 class _Packer:
     """Turns the blocks of one document into chunks (see the module docstring)."""
 
-    def __init__(self, tokenizer: TokenCounter, profile: Profile) -> None:
+    def __init__(self, tokenizer: TokenCounter, profile: Profile, measure: Measure) -> None:
         self.tok = tokenizer
+        self.m = measure
         self.budget = profile.max_tokens - tokenizer.special_tokens  # text tokens per chunk
         self.overlap = min(profile.overlap_tokens, self.budget // 2)
         # Pieces of an over-long sentence: small enough to serve as overlap when there is one.
@@ -222,11 +270,8 @@ class _Packer:
         """Units of a prose block (sentences) or of a table / code block (itself, or parts)."""
         if block.kind in ("table", "code"):
             return self._atomic_units(block, sep)
-        sentences = split_sentences(block.text) or [block.text]
-        indent = block.text[: len(block.text) - len(block.text.lstrip())]  # nested list items
-        if indent:
-            sentences[0] = indent + sentences[0]
-        counts = self.tok.count_many(sentences)
+        sentences = self.m.prose(block)
+        counts = self.m.count_many(sentences)
         units: list[_Unit] = []
         for sentence, n in zip(sentences, counts, strict=True):
             if n <= self.budget:
@@ -238,7 +283,7 @@ class _Packer:
         return units
 
     def _atomic_units(self, block: Block, sep: str) -> list[_Unit]:
-        whole = self.tok.count(block.text)
+        whole = self.m.count(block.text)
         if whole <= self.budget:
             return [_Unit(block.text, whole, sep, True)]
         # Larger than a chunk: parts at row / line boundaries, header rows repeated.
@@ -286,7 +331,7 @@ class _Packer:
         prev: Block | None = None
         heading_units: list[_Unit] = []
         for h in section.headings:
-            n = self.tok.count(h.text)
+            n = self.m.count(h.text)
             if n > self.budget:
                 heading_units += [
                     _Unit(p, self.tok.count(p), "\n\n", True)
@@ -370,10 +415,29 @@ class _Packer:
 
 
 def chunk_blocks(
-    blocks: Sequence[Block], tokenizer: TokenCounter, profile: Profile
+    blocks: Sequence[Block],
+    tokenizer: TokenCounter,
+    profile: Profile,
+    measure: Measure | None = None,
 ) -> list[ChunkText]:
-    """The chunks of a document's blocks, in document order (positions 0, 1, ...)."""
-    packer = _Packer(tokenizer, profile)
+    """The chunks of a document's blocks, in document order (positions 0, 1, ...).
+
+    ``measure``: counts shared with other documents (see :class:`Measure`).
+    """
+    if measure is None:
+        measure = Measure(tokenizer)
+        measure.prepare([blocks])
+    packer = _Packer(tokenizer, profile, measure)
     for section in _sections(blocks):
         packer.add_section(section)
     return packer.verified()
+
+
+def chunk_documents(
+    documents: Sequence[tuple[Sequence[Block], Profile]], tokenizer: TokenCounter
+) -> list[list[ChunkText]]:
+    """The chunks of several documents (each with its profile): the same result as
+    :func:`chunk_blocks` on each, with all their sentences counted in one tokenizer call."""
+    measure = Measure(tokenizer)
+    measure.prepare([blocks for blocks, _ in documents])
+    return [chunk_blocks(blocks, tokenizer, profile, measure) for blocks, profile in documents]

@@ -84,11 +84,14 @@ class FormatError(Exception):
 # -- normalisation ---------------------------------------------------------------------------
 
 # Zero-width and bidi-control characters that change no meaning but break hashing/matching.
-_INVISIBLE: Final = dict.fromkeys(
-    map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f\u202a\u202b\u202c\u202d\u202e"),
-    None,
-)
-_SPACES: Final = dict.fromkeys(map(ord, "\u00a0\u2007\u202f\u3000\u2028\u2029\x0b\x0c"), " ")
+# One table: invisible characters dropped, exotic spaces made plain.
+_TRANSLATE: Final[dict[int, str | None]] = {
+    **dict.fromkeys(
+        map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f\u202a\u202b\u202c\u202d\u202e"),
+        None,
+    ),
+    **dict.fromkeys(map(ord, "\u00a0\u2007\u202f\u3000\u2028\u2029\x0b\x0c"), " "),
+}
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
@@ -96,7 +99,7 @@ def normalise(text: str) -> str:
     """NFC, ``\\n`` line ends, no zero-width or control characters (tabs kept)."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = text.translate(_INVISIBLE).translate(_SPACES)
+    text = text.translate(_TRANSLATE)
     return _CONTROL.sub("", text)
 
 

@@ -26,13 +26,14 @@ from typing import Final
 
 from stratamesh.services.ingest.chunking import (
     CHUNKER_VERSION,
+    Measure,
     Profile,
     chunk_blocks,
     chunk_id,
     profile_names,
     resolve_profile,
 )
-from stratamesh.services.ingest.formats import FormatError, Parsed, blocks_hash, parse
+from stratamesh.services.ingest.formats import Block, FormatError, Parsed, blocks_hash, parse
 from stratamesh.services.ingest.validate import Policy, Rejection, Submission, validate
 from stratamesh.services.ingest.versions import (
     Accept,
@@ -174,6 +175,7 @@ class Ingestor:
         """Outcome events in record order, and the version records to store first."""
         outcomes: list[DocumentChunked | DocumentRejected] = []
         writes: list[tuple[DocKey, VersionRecord]] = []
+        measure = self._measure(items, prepared, histories)
         for (event, ctx), prep in zip(items, prepared, strict=True):
             if isinstance(prep, Rejection):
                 outcomes.append(self._rejected(event, ctx, prep))
@@ -187,7 +189,9 @@ class Ingestor:
             )
             if isinstance(decision, Replay):
                 rec = decision.record
-                outcomes.append(self._chunked(event, ctx, prep, rec.version, rec.supersedes))
+                outcomes.append(
+                    self._chunked(event, ctx, prep, rec.version, rec.supersedes, measure)
+                )
             elif isinstance(decision, Unchanged):
                 rec = decision.record
                 outcomes.append(
@@ -217,7 +221,9 @@ class Ingestor:
                 )
             else:
                 assert isinstance(decision, Accept)
-                out = self._chunked(event, ctx, prep, decision.version, decision.supersedes)
+                out = self._chunked(
+                    event, ctx, prep, decision.version, decision.supersedes, measure
+                )
                 if isinstance(out, DocumentChunked):
                     rec = VersionRecord(
                         decision.version,
@@ -231,6 +237,39 @@ class Ingestor:
                     writes.append((prep.key, rec))
                 outcomes.append(out)
         return outcomes, writes
+
+    def _measure(
+        self,
+        items: Sequence[Item],
+        prepared: Sequence[Prepared | Rejection],
+        histories: dict[DocKey, DocHistory],
+    ) -> Measure:
+        """Token counts for every document of the batch that will be chunked, in one call.
+
+        A dry run of the decisions picks them (unchanged and conflicting documents are not
+        tokenized at all); should a later step decide otherwise, chunking counts the rest.
+        """
+        scratch = {k: DocHistory(dict(h.versions)) for k, h in histories.items()}
+        to_chunk: list[list[Block]] = []
+        for (_, ctx), prep in zip(items, prepared, strict=True):
+            if isinstance(prep, Rejection):
+                continue
+            history = scratch.setdefault(prep.key, DocHistory())
+            decision = decide(
+                history,
+                requested=prep.submission.doc_version,
+                fingerprint=prep.fingerprint,
+                event_id=ctx.event_id,
+            )
+            if isinstance(decision, Accept):
+                history.versions[decision.version] = VersionRecord(
+                    decision.version, "", prep.fingerprint, ctx.event_id, None, 0
+                )
+            if isinstance(decision, (Accept, Replay)):
+                to_chunk.append(prep.parsed.blocks)
+        measure = Measure(self.tokenizer)
+        measure.prepare(to_chunk)
+        return measure
 
     # -- events ---------------------------------------------------------------------------
 
@@ -251,9 +290,10 @@ class Ingestor:
         prep: Prepared,
         version: int,
         supersedes: int | None,
+        measure: Measure | None = None,
     ) -> DocumentChunked | DocumentRejected:
         sub = prep.submission
-        texts = chunk_blocks(prep.parsed.blocks, self.tokenizer, prep.profile)
+        texts = chunk_blocks(prep.parsed.blocks, self.tokenizer, prep.profile, measure)
         size = sum(
             len(c.text.encode()) + _CHUNK_OVERHEAD + sum(len(p) + 8 for p in c.section_path)
             for c in texts
@@ -277,8 +317,9 @@ class Ingestor:
                 ),
                 content_hash=prep.content_hash,
             )
+        # Built without re-validation: every value comes from validated input or from here.
         chunks = [
-            Chunk(
+            Chunk.model_construct(
                 chunk_id=chunk_id(sub.tenant, sub.doc_id, version, c.position),
                 position=c.position,
                 text=c.text,

@@ -25,6 +25,7 @@ The decision of :mod:`.versions` adds ``unchanged``, ``version_conflict`` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any, Final
@@ -87,9 +88,11 @@ def _err(code: str, message: str, hint: str, field: str | None = None) -> Pydant
     return PydanticCustomError(code, message.replace("{", "{{").replace("}", "}}"), ctx)
 
 
+_GARBAGE: Final = re.compile("[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def _garbage_ratio(text: str) -> float:
-    bad = sum(1 for ch in text if ch == "\ufffd" or (ch < " " and ch not in "\n\r\t"))
-    return bad / max(1, len(text))
+    return len(_GARBAGE.findall(text)) / max(1, len(text))
 
 
 class Submission(BaseModel):

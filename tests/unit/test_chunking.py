@@ -6,6 +6,8 @@ import itertools
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stratamesh.services.ingest.chunking import (
     MODEL_PROFILE,
     ChunkText,
@@ -53,6 +55,23 @@ def test_the_tokenizer_counts_like_the_model_and_ignores_the_files_truncation(
     a, b = prose(3, "search"), prose(4, "ranking")
     assert tok.count(f"{a}\n\n{b}") == tok.count(a) + tok.count(b)  # additive across pieces
     assert tok.count_many([a, "", a]) == [tok.count(a), 0, tok.count(a)]
+
+
+_TRICKY = list(
+    "aAzZ09 .,-'\"\t\n\r\x00\x7f\ufffd\u00a0\u0301\u0308ΣσςİIıﬁé̀Åñ中文字한국어ひらカタ١٢عربي"
+    "हिन्दीক্ষ\u200b\u200d\u2028😀👍🏽µ°±×–—…“”«»§•√∞≈∑αβΩ\u2e52"
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.one_of(st.text(max_size=60), st.lists(st.sampled_from(_TRICKY), max_size=40).map("".join))
+)
+def test_word_level_counts_equal_the_rust_tokenizer_on_any_text(text: str) -> None:
+    tok = load_tokenizer()
+    reference = len(tok._tok.encode(text, add_special_tokens=False).ids)
+    assert tok.count(text) == reference
+    assert tok.count_many([text, text + " " + text]) == [reference, 2 * reference]
 
 
 @pytest.mark.parametrize(("max_tokens", "overlap"), [(512, 128), (256, 64), (64, 16), (32, 0)])
