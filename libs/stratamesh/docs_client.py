@@ -125,7 +125,7 @@ class IngestSummary:
                 head += f", {len(self.pending)} without an answer yet"
         lines = [f"{head} in {self.elapsed_s:.1f} s"]
         for r in self.rejected[:50]:
-            where = f" [{r.field}]" if r.field else ""
+            where = f" (field {r.field})" if r.field else ""
             lines.append(f"  rejected {r.doc_id} ({r.source}): {r.code}{where}: {r.reason}")
             if r.hint:
                 lines.append(f"    hint: {r.hint}")

@@ -33,10 +33,10 @@ from stratamesh.events import (
     derived_event_id,
     new_event_id,
 )
-from stratamesh.models.tokenizer import load_tokenizer
 from tests.integration.conftest import Env
 from tests.integration.records import read_topic
 from tests.integration.test_bus import read_all
+from tests.unit.test_chunking import model_tokens
 
 GUIDE = """# Operations guide
 
@@ -124,11 +124,10 @@ async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_ver
     table = "| setting | default |\n| --- | --- |\n| max_tokens | 512 |\n| overlap_tokens | 128 |"
     assert any(table in c.text for c in guide.chunks)  # the table is whole
     assert any("```bash\nstrata up\nstrata ingest docs/\n```" in c.text for c in guide.chunks)
-    tok = load_tokenizer()
     for e in events:
         assert e.doc_version == 1 and e.supersedes_version is None
         for c in e.chunks:
-            assert c.token_count == tok.sequence_length(c.text) <= 512
+            assert c.token_count == model_tokens(c.text) <= 512
 
     # Identical content again: nothing new, counted as unchanged.
     again = await ingest_paths(env.settings, [kb, beir], identity=client, timeout_s=30)

@@ -18,14 +18,31 @@ from stratamesh.services.ingest.chunking import (
     split_sentences,
 )
 from stratamesh.services.ingest.formats import parse_markdown, parse_text
+from tokenizers import Tokenizer
 
 from stratamesh.config import ChunkSettings
-from stratamesh.models.tokenizer import TokenCounter, load_tokenizer
+from stratamesh.models.tokenizer import TokenCounter, default_model_dir, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok() -> TokenCounter:
     return load_tokenizer()
+
+
+def _reference() -> Tokenizer:
+    """The model's own (Rust) tokenizer, loaded afresh: what the embedding model consumes."""
+    ref = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    ref.no_truncation()
+    ref.no_padding()
+    return ref
+
+
+REFERENCE = _reference()
+
+
+def model_tokens(text: str) -> int:
+    """Tokens the model sees for ``text``, [CLS] and [SEP] included."""
+    return len(REFERENCE.encode(text).ids)
 
 
 def prose(n: int, topic: str = "retrieval") -> str:
@@ -41,7 +58,7 @@ def chunks_of(markdown: str, tok: TokenCounter, max_tokens: int, overlap: int) -
 
 def assert_budget(chunks: list[ChunkText], tok: TokenCounter, max_tokens: int) -> None:
     for c in chunks:
-        measured = tok.sequence_length(c.text)
+        measured = model_tokens(c.text)
         assert measured == c.token_count, (c.position, measured, c.token_count)
         assert measured <= max_tokens, (c.position, measured)
 
@@ -69,7 +86,7 @@ _TRICKY = list(
 )
 def test_word_level_counts_equal_the_rust_tokenizer_on_any_text(text: str) -> None:
     tok = load_tokenizer()
-    reference = len(tok._tok.encode(text, add_special_tokens=False).ids)
+    reference = model_tokens(text) - 2
     assert tok.count(text) == reference
     assert tok.count_many([text, text + " " + text]) == [reference, 2 * reference]
 
@@ -99,7 +116,7 @@ def test_a_table_or_code_block_that_fits_is_never_split(tok: TokenCounter) -> No
     rendered = "| name | role |\n| --- | --- |\n" + "\n".join(
         f"| person{i} | r{i} |" for i in range(8)
     )
-    assert tok.sequence_length(rendered) <= 128
+    assert model_tokens(rendered) <= 128
     assert sum(rendered in c.text for c in chunks) == 1
     assert not any("person3" in c.text and rendered not in c.text for c in chunks)
     fenced = "```sh\n" + "\n".join(f"echo step {i}" for i in range(8)) + "\n```"
@@ -170,7 +187,7 @@ def test_blocks_that_fit_are_not_split_across_chunks(tok: TokenCounter) -> None:
     paragraphs = [prose(3, f"topic{i}") for i in range(12)]
     chunks = chunks_of("\n\n".join(paragraphs), tok, 128, 0)
     for p in paragraphs:
-        assert tok.sequence_length(p) <= 128
+        assert model_tokens(p) <= 128
         assert sum(p in c.text for c in chunks) == 1
 
 

@@ -24,8 +24,8 @@ from stratamesh.events import (
     derived_event_id,
     new_event_id,
 )
-from stratamesh.models.tokenizer import load_tokenizer
 from stratamesh.stores.idempotency import MemoryIdempotency
+from tests.unit.test_chunking import model_tokens
 
 GUIDE = (
     "# Guide\n\nStrata ingests documents. It chunks them by structure.\n\n"
@@ -88,11 +88,10 @@ async def test_a_document_becomes_chunks_with_version_class_title_and_tenant(
     assert out.title == "Guide" and out.knowledge_class == KnowledgeClass.ANCHORED
     assert out.versions["chunker"] and out.versions["tokenizer"].endswith("all-MiniLM-L6-v2")
     assert len(out.content_hash) == 64
-    tok = load_tokenizer()
     assert [c.section_path for c in out.chunks] == [["Guide"], ["Guide", "Tables"]]
     for c in out.chunks:
         assert c.chunk_id == chunk_id("acme", "guide", 1, c.position)
-        assert c.token_count == tok.sequence_length(c.text) <= 512
+        assert c.token_count == model_tokens(c.text) <= 512
         assert (c.title, c.version, c.acl, c.metadata) == ("Guide", 1, ["team-a"], {"lang": "en"})
         assert c.expires_at is None and c.knowledge_class == KnowledgeClass.ANCHORED
     assert "| a | 1 |" in out.chunks[1].text
