@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Final
 
+import structlog
 from stratamesh.services.ingest.chunking import (
     CHUNKER_VERSION,
     Measure,
@@ -56,6 +57,8 @@ from stratamesh.events import Chunk, DocumentChunked, DocumentRejected, Document
 from stratamesh.models.tokenizer import TokenCounter, tokenizer_for
 
 __all__ = ["Ingestor", "Prepared"]
+
+log = structlog.get_logger("stratamesh.ingest")
 
 # Share of the producer's max request size a DocumentChunked may use (headers, framing).
 _EVENT_SIZE_SHARE: Final = 0.75
@@ -145,6 +148,17 @@ class Ingestor:
             parsed = parse(checked.content, checked.content_type)
         except FormatError as exc:
             return Rejection(exc.code, exc.reason, exc.field, exc.hint or None)
+        except (RecursionError, ValueError, IndexError, AssertionError) as exc:
+            # A parser choking on pathological input: the document's problem, not a retry's.
+            log.warning("document could not be parsed", doc_id=event.doc_id, error=repr(exc))
+            return Rejection(
+                "undecodable",
+                f"the {checked.content_type.value} content could not be parsed "
+                f"({type(exc).__name__})",
+                "content",
+                "simplify the markup (e.g. deeply nested lists or quotes), or submit the text "
+                "as content_type 'text'",
+            )
         if not parsed.blocks:
             return Rejection(
                 "empty",
