@@ -206,7 +206,7 @@ def ingest(
         summary = _run(
             ingest_paths(settings, paths, identity=as_, progress=progress, wait=not no_wait)
         )
-    out.print(summary.describe())
+    out.print(summary.describe(), markup=False, highlight=False)
 
 
 @app.command()
