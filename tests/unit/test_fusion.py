@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
+from stratamesh.events import Query, RetrievalPlan
 from stratamesh.services.index.app import _plan_value
 from stratamesh.services.index.filters import InvalidFilter, search_filter
 from stratamesh.services.index.search import Ranked, citations, position_order, rrf_fuse
-
-from stratamesh.events import Query, RetrievalPlan
 from stratamesh.stores.vectors import (
     F_ACL,
     F_EXPIRES_AT,

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from stratamesh.services.index.app import IndexService
 
 from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
@@ -25,6 +24,7 @@ from stratamesh.events import (
 )
 from stratamesh.events.testing import sample_event
 from stratamesh.obs.metrics import REGISTRY
+from stratamesh.services.index.app import IndexService
 from stratamesh.stores.vectors import VectorStore, open_vector_store
 from tests.unit.test_vector_stores import DIM, MODEL, embedded, unit
 

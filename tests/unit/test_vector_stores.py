@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stratamesh.services.index.catalog import Catalog
-from stratamesh.services.index.indexing import index_events
-from stratamesh.services.index.search import rrf_fuse, search_chunks
 
 from stratamesh.config import Settings
 from stratamesh.errors import ConfigError
@@ -22,6 +19,9 @@ from stratamesh.events import (
     KnowledgeClass,
     SparseVector,
 )
+from stratamesh.services.index.catalog import Catalog
+from stratamesh.services.index.indexing import index_events
+from stratamesh.services.index.search import rrf_fuse, search_chunks
 from stratamesh.stores.vectors import (
     F_SUPERSEDED,
     F_TENANT,
