@@ -227,20 +227,22 @@ async def reindex(
 
     await embedder.start(replay_settings)
     try:
-        async with open_consumer(settings) as consumer:
+        # One tool consumer per topic: after an assignment, a consumer's cluster metadata
+        # only lists the assigned topics, so one consumer cannot follow two.
+        async with open_consumer(settings) as c_embedded, open_consumer(settings) as c_indexed:
             while True:
                 lag = sum(
                     p.lag
                     for p in (await consumer_lag(settings, group, topics.DOCS_CHUNKED)).values()
                 )
-                for rec in await embedded_topic.read(consumer):
+                for rec in await embedded_topic.read(c_embedded):
                     if verifier.producer(rec) != REINDEX_IDENTITY:
                         continue  # the live group's output (or anyone else's)
                     ev = verifier.event(rec)
                     if isinstance(ev, ChunksEmbedded):
                         models.add(ev.embed_model)
                         expected.update((ev.tenant, e.chunk.chunk_id) for e in ev.embeddings)
-                for rec in await indexed_topic.read(consumer):
+                for rec in await indexed_topic.read(c_indexed):
                     ev = verifier.event(rec)
                     if isinstance(ev, ChunksIndexed):
                         indexed.setdefault(ev.collection, set()).update(
