@@ -35,7 +35,7 @@ from stratamesh.stores.vectors import SparseVec, VectorStore, open_vector_store
 
 from .catalog import Catalog
 from .filters import InvalidFilter, search_filter
-from .indexing import epoch_ms, index_events
+from .indexing import index_events, source_ms
 from .search import Mode, citations, search_chunks
 
 __all__ = ["INDEX_LAG", "IndexService", "service"]
@@ -117,7 +117,7 @@ class IndexService(Service):
         done = now_ms()
         live = await catalog.live()
         for (ev, ctx), res in zip(items, results, strict=True):
-            lag_ms = max(0.0, float(done - epoch_ms(ev.occurred_at)))
+            lag_ms = max(0.0, float(done - source_ms(ev)))
             if res.collection == live and not ctx.is_replay:
                 INDEX_LAG.observe(lag_ms / 1000.0)
             ctx.publish(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from stratamesh.errors import Poison
 from stratamesh.events import ChunksEmbedded
@@ -46,7 +46,10 @@ from stratamesh.stores.vectors import (
 
 from .catalog import Catalog
 
-__all__ = ["Indexed", "epoch_ms", "index_events"]
+__all__ = ["SUBMITTED_AT", "Indexed", "epoch_ms", "index_events", "source_ms"]
+
+SUBMITTED_AT: Final = "submitted_at"
+"""``versions`` key an upstream stage may set to the DocumentSubmitted time (epoch ms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,26 @@ class Indexed:
 
 def epoch_ms(when: datetime) -> int:
     return int(when.timestamp() * 1000)
+
+
+def source_ms(event: ChunksEmbedded) -> int:
+    """The document's event time: ``versions["submitted_at"]`` (epoch ms) when the chain
+    carries it, else the event's own ``occurred_at``.
+
+    It is the version's ``valid_from`` (for ``as_of`` queries) and the start of the index
+    lag.  Carried from submission it is the same on every replay; ``occurred_at`` of a
+    replayed ChunksEmbedded is the replay's time.
+    """
+    own = epoch_ms(event.occurred_at)
+    raw = event.versions.get(SUBMITTED_AT)
+    if raw is not None:
+        try:
+            submitted = int(raw)
+        except ValueError:
+            return own
+        if 0 < submitted <= own:
+            return submitted
+    return own
 
 
 def chunk_points(
@@ -132,7 +155,7 @@ async def index_events(
         }
         for i in idxs:
             ev = items[i][0]
-            valid = epoch_ms(ev.occurred_at)
+            valid = source_ms(ev)
             old = known.get(ev.doc_version)
             known[ev.doc_version] = (min(valid, old[0]) if old else valid, True)
         for i in sorted(idxs, key=lambda j: items[j][0].doc_version):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,22 @@ async def test_unknown_model_and_disabled_plan_give_empty_context(
     outs = m.events(T.REQUESTS_RETRIEVED)
     assert len(outs) == 3 and all(o.context == [] for o in outs)
     assert outs[0].collection == ""
+
+
+async def test_index_lag_starts_at_the_submission_time_when_carried(
+    mesh: tuple[MemoryMesh, VectorStore],
+) -> None:
+    m, store = mesh
+    ev = embedded("acme", "d", 1, ["x"], at=datetime.now(UTC))
+    submitted = int(ev.occurred_at.timestamp() * 1000) - 3000
+    await m.publish(
+        ev.model_copy(update={"versions": {"submitted_at": str(submitted)}}), as_="embed"
+    )
+    bogus = embedded("acme", "e", 1, ["y"], at=datetime.now(UTC))
+    await m.publish(bogus.model_copy(update={"versions": {"submitted_at": "soon"}}), as_="embed")
+    await m.run_until_idle()
+    carried, own = m.events(T.DOCS_INDEXED)
+    assert 3000 <= carried.index_lag_ms < 13_000
+    assert 0 <= own.index_lag_ms < 3000
+    [version] = await store.doc_versions(carried.collection, "acme", "d")
+    assert version.valid_from == submitted
