@@ -25,7 +25,9 @@ class EmbedMetrics(Collector):
             "strata_embed_cache_hits", "texts whose embedding came from the cache", ["model"]
         )
         self.model_seconds = Histogram(
-            "strata_embed_model_seconds", "time per embedding model call", ["model"]
+            "strata_embed_model_seconds",
+            "time per embedding call (waiting for a model busy with another lane included)",
+            ["model"],
         )
         self.batch_texts = Histogram(
             "strata_embed_batch_texts", "texts per model call", ["model"], _BATCH_BUCKETS

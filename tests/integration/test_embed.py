@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from stratamesh.services.embed.app import build_service
-from stratamesh.services.embed.cache import text_key
 
 from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
@@ -35,6 +33,8 @@ from stratamesh.events.testing import sample_event
 from stratamesh.models.embedders import DEFAULT_MODEL, LocalEmbedder, OpenAIEmbedder, Vectors
 from stratamesh.models.sparse import SPARSE_MODEL
 from stratamesh.resilience import BreakerState, CircuitBreaker
+from stratamesh.services.embed.app import build_service
+from stratamesh.services.embed.cache import text_key
 from tests.integration.conftest import Env
 from tests.integration.test_bus import eventually, read_all
 

@@ -10,8 +10,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from stratamesh.services.embed.app import build_service, chunk_text
-from stratamesh.services.embed.cache import MemoryEmbeddingCache
 
 from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
@@ -41,6 +39,8 @@ from stratamesh.models.embedders import (
 )
 from stratamesh.models.sparse import SPARSE_MODEL, document_vector, query_vector
 from stratamesh.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen
+from stratamesh.services.embed.app import build_service, chunk_text
+from stratamesh.services.embed.cache import MemoryEmbeddingCache
 
 DIM = 8
 
