@@ -136,6 +136,8 @@ async def bench_engine(
         await store.upsert(name, points[i : i + BATCH])
     upsert_s = time.perf_counter() - started
     assert await store.count(name) == len(points)
+    # What the index service does on the first search filtering on a metadata key.
+    await store.ensure_keyword_index(name, "metadata.category")
     base = SearchFilter(tenant="t0", now_ms=NOW_MS)
     narrow = SearchFilter(
         tenant="t0", now_ms=NOW_MS, knowledge_class="fluid", metadata={"category": "c3"}
