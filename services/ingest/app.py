@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from stratamesh.services.ingest.ingestor import Ingestor
-from stratamesh.services.ingest.validate import Policy
-
 from stratamesh.bus import Context, topics
 from stratamesh.bus.codec import Codec
 from stratamesh.bus.middleware import Pipeline
@@ -22,6 +19,8 @@ from stratamesh.config import Settings
 from stratamesh.errors import ConfigError
 from stratamesh.events import DocumentSubmitted
 from stratamesh.security.keys import Keyring
+from stratamesh.services.ingest.ingestor import Ingestor
+from stratamesh.services.ingest.validate import Policy
 from stratamesh.stores.idempotency import IdempotencyStore
 
 __all__ = ["BATCH_SIZE", "BATCH_WAIT_MS", "IngestService", "service"]

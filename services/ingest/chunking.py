@@ -33,10 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from stratamesh.services.ingest.formats import Block
-
 from stratamesh.config import ChunkSettings
 from stratamesh.models.tokenizer import TokenCounter
+from stratamesh.services.ingest.formats import Block
 
 __all__ = [
     "CHUNKER_VERSION",

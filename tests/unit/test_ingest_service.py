@@ -7,9 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stratamesh.services.ingest.app import IngestService
-from stratamesh.services.ingest.chunking import chunk_id
-from stratamesh.services.ingest.validate import Policy
 
 from stratamesh.bus import topics as T
 from stratamesh.bus.middleware import Handled
@@ -24,6 +21,9 @@ from stratamesh.events import (
     derived_event_id,
     new_event_id,
 )
+from stratamesh.services.ingest.app import IngestService
+from stratamesh.services.ingest.chunking import chunk_id
+from stratamesh.services.ingest.validate import Policy
 from stratamesh.stores.idempotency import MemoryIdempotency
 from tests.unit.test_chunking import model_tokens
 

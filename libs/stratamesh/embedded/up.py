@@ -76,7 +76,10 @@ class Mesh:
             names = only if only is not None else discover_services()
             services = [load_service(n) for n in names]
             if dev_keys:
-                created = ensure_dev_keys(settings, [s.identity for s in services])
+                identities = [s.identity for s in services]
+                if "embed" in identities:
+                    identities.append("embed.reindex")  # `strata reindex` signs as this
+                created = ensure_dev_keys(settings, identities)
                 if created:
                     log.info(
                         "development keys created",
