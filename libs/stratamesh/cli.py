@@ -148,7 +148,9 @@ def run(
 
     settings = _settings(bootstrap)
     configure_logging(settings.log_level, json=settings.log_json, service=name)
-    svc = load_service(name).variant(identity=identity, shadow=shadow)
+    svc = load_service(name)
+    if identity or shadow:  # services with their own start-up keep it only as themselves
+        svc = svc.variant(identity=identity, shadow=shadow)
 
     async def main() -> None:
         import signal
