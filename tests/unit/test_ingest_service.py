@@ -35,7 +35,8 @@ GUIDE = (
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home")
+    # Unit tests keep state in their own folder, even where STRATA_REDIS_URL is set.
+    return Settings(home=tmp_path / "home", redis_url=None)
 
 
 class Harness:
@@ -266,7 +267,9 @@ async def test_redelivery_after_the_state_was_written_yields_the_same_output(
 
 async def test_chunk_profiles_by_content_type_and_by_name(tmp_path: Path) -> None:
     settings = Settings(
-        home=tmp_path, chunk=ChunkSettings(profiles={"markdown": (64, 16), "tiny": (32, 0)})
+        home=tmp_path,
+        redis_url=None,
+        chunk=ChunkSettings(profiles={"markdown": (64, 16), "tiny": (32, 0)}),
     )
     h = Harness(settings)
     long = "# Notes\n\n" + " ".join(f"Fact {i} is worth a sentence of its own." for i in range(40))
