@@ -88,10 +88,12 @@ async def chunked_events(env: Env) -> list[DocumentChunked]:
 
 
 async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_versions(
-    env: Env, tmp_path: Path
+    env: Env, tmp_path: Path, unique: str
 ) -> None:
     kb, beir = corpus(tmp_path)
-    client = env.client("web", "acme")
+    # A tenant of its own: with Redis, document versions outlive the test run.
+    tenant = f"acme-{unique}"
+    client = env.client("web", tenant)
     await env.start(IngestService())
     calls: list[tuple[int, int]] = []
 
@@ -117,7 +119,7 @@ async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_ver
     events = await chunked_events(env)
     by_id = {e.doc_id: e for e in events}
     assert set(by_id) == {"kb/guide.md", "kb/sub/page.html", "kb/notes.txt", "b0", "b1", "b2"}
-    assert {e.tenant for e in events} == {"acme"}
+    assert {e.tenant for e in events} == {tenant}
     assert by_id["b1"].title == "Study 1" and by_id["kb/sub/page.html"].title == "Release notes"
     assert by_id["kb/notes.txt"].title == "notes"
     guide = by_id["kb/guide.md"]
@@ -146,8 +148,11 @@ async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_ver
     assert latest.chunks[-1].section_path == ["Operations guide", "Stop"]
 
 
-async def test_invalid_submissions_on_the_broker_get_reasons_and_hints(env: Env) -> None:
-    client = env.client("web", "acme")
+async def test_invalid_submissions_on_the_broker_get_reasons_and_hints(
+    env: Env, unique: str
+) -> None:
+    tenant = f"acme-{unique}"
+    client = env.client("web", tenant)
     pub = await env.publisher(client)
     await env.start(IngestService())
 
@@ -182,7 +187,7 @@ async def test_invalid_submissions_on_the_broker_get_reasons_and_hints(env: Env)
     for code, event in bad.items():
         out = got[derived_event_id(event.event_id, "ingest", 0)]
         assert isinstance(out, DocumentRejected)
-        assert (out.code, out.doc_id, out.tenant) == (code, event.doc_id, "acme")
+        assert (out.code, out.doc_id, out.tenant) == (code, event.doc_id, tenant)
         assert out.field and out.reason and out.hint
     # Nothing chunked, nothing dead-lettered: every refusal is a result event.
     tps = [
