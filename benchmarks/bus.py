@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from _report import emit, machine, percentile
 from stratamesh.bus import topics as T
 from stratamesh.bus.admin import create_topic, ensure_topics
 from stratamesh.bus.clients import consumer_config, producer_config
@@ -52,15 +51,10 @@ BARE_TOPIC = "bench.bare"
 SENT_NS = "sent_ns"
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _summary(latencies_ms: list[float], throughput: float) -> dict[str, float]:
     return {
         "p50_ms": round(statistics.median(latencies_ms), 3),
-        "p99_ms": round(_pct(latencies_ms, 0.99), 3),
+        "p99_ms": round(percentile(latencies_ms, 0.99), 3),
         "msgs_per_s": round(throughput, 1),
     }
 
@@ -254,11 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             broker.stop()
     return {
         "benchmark": "bus",
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "broker": "embedded tansu" if broker else bootstrap,
         "idempotency": "redis" if settings.redis_url else "sqlite",
         "messages": args.messages,
@@ -288,9 +278,7 @@ def main() -> None:
         asyncio.run(produce(Settings(), args.mode, args.messages, args.rate))
         return
     result = asyncio.run(run(args))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

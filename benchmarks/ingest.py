@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from _report import emit, machine, percentile
 from stratamesh.bus import topics as T
 from stratamesh.bus.admin import ensure_topics
 from stratamesh.bus.codec import Codec
@@ -44,11 +44,6 @@ from stratamesh.models.embedders import make_embedder
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "beir-scifact" / "corpus.jsonl"
 SERVICES = ("ingest", "embed", "index")
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def model_throughput(settings: Settings, texts: list[str]) -> float:
@@ -176,11 +171,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cps = chunks / elapsed
     return {
         "benchmark": "ingest",
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "corpus": str(args.corpus.name),
         "documents": summary.submitted,
         "documents_indexed": len(indexed),
@@ -190,7 +181,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_chunks_per_s": round(model_cps, 1),
         "ratio": round(cps / model_cps, 3),
         "index_lag_p50_s": round(statistics.median(lags), 3) if lags else None,
-        "index_lag_p99_s": round(_pct(lags, 0.99), 3) if lags else None,
+        "index_lag_p99_s": round(percentile(lags, 0.99), 3) if lags else None,
         "target_ratio_min": 0.9,
     }
 
@@ -205,9 +196,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

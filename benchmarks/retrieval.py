@@ -28,8 +28,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from _report import emit, machine
 from stratamesh.config import Settings
 from stratamesh.events import Chunk, ChunksEmbedded, EmbeddedChunk, KnowledgeClass, SparseVector
 from stratamesh.models.embedders import make_embedder, model_stamp
@@ -309,11 +308,7 @@ async def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "benchmark": "retrieval",
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "data": {
             "corpus": str(args.corpus),
             "queries": str(args.queries),
@@ -354,9 +349,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     result = asyncio.run(evaluate(args))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from _report import emit, machine
 from stratamesh.config import Settings
 from stratamesh.stores.vectors import (
     F_ACL,
@@ -196,11 +195,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     return {
         "benchmark": "vector_stores",
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "points": args.points,
         "dim": DIM,
         "engines": engines,
@@ -221,9 +216,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":
