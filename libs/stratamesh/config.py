@@ -16,10 +16,13 @@ __all__ = [
     "ChunkSettings",
     "ConsumerSettings",
     "EmbedSettings",
+    "GuardSettings",
     "IndexSettings",
+    "InferSettings",
     "KafkaSettings",
     "ProducerSettings",
     "RetrySettings",
+    "RouteSettings",
     "SecuritySettings",
     "Settings",
 ]
@@ -118,6 +121,34 @@ class IndexSettings(BaseModel):
     collection_prefix: str = "strata_chunks"
 
 
+# Request plane (issue 4).  Each class below is owned by its service; fields are added as the
+# service needs them, every one with a default that works on the embedded default.
+
+
+class GuardSettings(BaseModel):
+    """guard, both stages (DESIGN.md §4, §7): ``STRATA_GUARD__*``."""
+
+    injection_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_prompt_chars: int = Field(16_000, ge=1)
+
+
+class RouteSettings(BaseModel):
+    """route: caches, budgets, classifier and the policy file (``STRATA_ROUTE__*``)."""
+
+    policy_file: Path | None = Field(None, description="routing policy; default: the packaged one")
+    semantic_cache_threshold: float = Field(0.92, ge=0.0, le=1.0)
+    cache_ttl_s: int = 3600
+
+
+class InferSettings(BaseModel):
+    """infer: model backends, breaker, fallback and degradation (``STRATA_INFER__*``)."""
+
+    backend: Literal["local", "openai"] = "local"
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (vLLM)")
+    api_key: SecretStr | None = None
+    replicas: int = Field(1, ge=1, description="replicas started by `strata up`")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STRATA_", env_nested_delimiter="__", extra="ignore"
@@ -141,6 +172,9 @@ class Settings(BaseSettings):
     embed: EmbedSettings = EmbedSettings()
     chunk: ChunkSettings = ChunkSettings()
     index: IndexSettings = IndexSettings()
+    guard: GuardSettings = GuardSettings()
+    route: RouteSettings = RouteSettings()
+    infer: InferSettings = InferSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     producer: ProducerSettings = ProducerSettings()
     retry: RetrySettings = RetrySettings()

@@ -10,11 +10,23 @@ Every service has the same shape (``services/<name>/app.py``)::
 
 ``await service.start(settings)`` joins the consumer group ``service.group`` and runs every
 record through the one middleware (:mod:`stratamesh.bus.middleware`).
+
+A service that owns resources (a model, a store) registers lifecycle hooks instead of
+subclassing::
+
+    @service.on_bind          # settings known: open clients lazily (also in MemoryMesh)
+    def bind(settings: Settings) -> None: ...
+
+    @service.on_start         # before partitions are taken: load models, warm caches
+    async def warm(settings: Settings) -> None: ...
+
+    @service.on_stop          # after the consumer stopped: close what was opened
+    async def close() -> None: ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
@@ -36,6 +48,12 @@ __all__ = ["Service"]
 log = structlog.get_logger("stratamesh.bus")
 
 H_ = TypeVar("H_", bound=Handler)
+BindHook = Callable[[Settings], None]
+StartHook = Callable[[Settings], Awaitable[None]]
+StopHook = Callable[[], Awaitable[None]]
+B_ = TypeVar("B_", bound=BindHook)
+S_ = TypeVar("S_", bound=StartHook)
+T_ = TypeVar("T_", bound=StopHook)
 
 
 class Service:
@@ -55,6 +73,24 @@ class Service:
         self.pipeline: Pipeline | None = None
         self.runtime: KafkaRuntime | None = None
         self.producer: MeshProducer | None = None
+        self._bind_hooks: list[BindHook] = []
+        self._start_hooks: list[StartHook] = []
+        self._stop_hooks: list[StopHook] = []
+
+    def on_bind(self, hook: B_) -> B_:
+        """Run ``hook(settings)`` whenever a pipeline is built (real runtime or MemoryMesh)."""
+        self._bind_hooks.append(hook)
+        return hook
+
+    def on_start(self, hook: S_) -> S_:
+        """Await ``hook(settings)`` in :meth:`start`, before the consumer joins its group."""
+        self._start_hooks.append(hook)
+        return hook
+
+    def on_stop(self, hook: T_) -> T_:
+        """Await ``hook()`` in :meth:`stop`, after the consumer and producer stopped."""
+        self._stop_hooks.append(hook)
+        return hook
 
     def subscribe(
         self,
@@ -94,6 +130,9 @@ class Service:
             other.subscribe(
                 base, stage=sub.stage, batch_size=sub.batch_size, batch_wait_ms=sub.batch_wait_ms
             )(sub.handler)
+        other._bind_hooks = list(self._bind_hooks)
+        other._start_hooks = list(self._start_hooks)
+        other._stop_hooks = list(self._stop_hooks)
         return other
 
     @property
@@ -108,6 +147,8 @@ class Service:
         idempotency: IdempotencyStore | None = None,
         codec: Codec | None = None,
     ) -> Pipeline:
+        for hook in self._bind_hooks:
+            hook(settings)
         return Pipeline(
             service=self.identity,
             group=self.group,
@@ -134,6 +175,8 @@ class Service:
         if not self.subscriptions:
             raise ConfigError(f"service {self.name} has no subscriptions")
         key = signing_key or load_signing_key(settings, self.identity)
+        for hook in self._start_hooks:
+            await hook(settings)
         self.pipeline = self.build_pipeline(settings, keyring=keyring, idempotency=idempotency)
         self.producer = MeshProducer(settings, key, service=self.identity)
         await self.producer.start()
@@ -157,4 +200,6 @@ class Service:
         if self.pipeline is not None:
             await self.pipeline.idempotency.close()
         self.runtime = self.producer = self.pipeline = None
+        for hook in self._stop_hooks:
+            await hook()
         log.info("service stopped", service=self.identity)

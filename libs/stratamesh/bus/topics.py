@@ -172,8 +172,8 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "ChunksIndexed",
         "knowledge",
         "index",
-        "audit console",
-        "chunks that became searchable",
+        "route audit console",
+        "chunks that became searchable (route invalidates cached answers citing older versions)",
     ),
     _t(
         DOCS_REJECTED,
@@ -205,8 +205,8 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "RequestRouted",
         "request",
         "route",
-        "embed infer audit",
-        "requests with their routing slip",
+        "embed infer guard audit",
+        "requests with their routing slip (a cache hit goes straight to guard_out)",
     ),
     _t(REQUESTS_EMBEDDED, "QueryEmbedded", "request", "embed", "index audit", "query vectors"),
     _t(
@@ -246,8 +246,8 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "RequestCompleted",
         "request",
         "guard route console",
-        "audit console",
-        "final results for UIs",
+        "route audit console",
+        "final results for UIs (route fills its answer cache from them)",
         30,
     ),
     _t(

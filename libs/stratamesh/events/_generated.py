@@ -68,7 +68,7 @@ __all__ = [
     "TraceStep",
 ]
 
-SOURCE_DIGEST: Final = "a72a660a81adf98029c217d96bacf196f52b1de6c6a74bd888fbc32ae861f0e8"
+SOURCE_DIGEST: Final = "0ff7a1934418ee6bd3bc120735745fc658e6b2ed045771a466265c02948ccb5d"
 """SHA-256 of the schemas these models were generated from."""
 
 
@@ -220,6 +220,13 @@ class Query(Record):
     as_of: UtcDatetime | None = Field(
         None,
         description="Answer from the knowledge valid at this time (historical query).",
+    )
+    canary: str | None = Field(
+        None,
+        description=(
+            "Canary token placed by guard_in; infer puts it right after the shared template prefix"
+            " (prefix caching keeps working) and guard_out blocks an answer that leaks it."
+        ),
     )
 
 
