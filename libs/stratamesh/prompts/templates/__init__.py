@@ -1,0 +1,1 @@
+"""Prompt template files (TOML), one per ``name@version``; see :mod:`..registry`."""
