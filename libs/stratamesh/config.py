@@ -119,6 +119,18 @@ class IndexSettings(BaseModel):
         "auto", description="embedded engine when STRATA_QDRANT_URL is unset"
     )
     collection_prefix: str = "strata_chunks"
+    # Optional rerank step (DESIGN §4: top-20 → top-5), used when a request's retrieval plan
+    # asks for it and a rerank server is configured; otherwise fused order stands.
+    rerank_endpoint: str | None = Field(None, description="rerank server base URL (TEI, vLLM)")
+    rerank_api: Literal["tei", "cohere"] = Field(
+        "tei", description="tei: POST /rerank; cohere: POST /v1/rerank (Cohere, Jina, vLLM)"
+    )
+    rerank_model: str | None = None
+    rerank_api_key: SecretStr | None = None
+    rerank_timeout_s: float = 5.0
+    rerank_candidates: int = Field(
+        20, ge=1, description="fused candidates sent to the reranker (plan: rerank_top_n)"
+    )
 
 
 # Request plane (issue 4).  Each class below is owned by its service; fields are added as the
@@ -128,8 +140,19 @@ class IndexSettings(BaseModel):
 class GuardSettings(BaseModel):
     """guard, both stages (DESIGN.md §4, §7): ``STRATA_GUARD__*``."""
 
-    injection_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # None = the threshold the classifier artifact was validated at (its metadata).
+    injection_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    injection_model: Path | None = Field(None, description="artifact path without suffix")
     max_prompt_chars: int = Field(16_000, ge=1)
+    max_messages: int = Field(64, ge=0)
+    max_total_chars: int = Field(64_000, ge=1, description="prompt + every message")
+    policy_file: Path | None = Field(None, description="tenant policy JSON; default: packaged")
+    # Keyed-HMAC secret of pseudonyms and canaries; unset = HOME/keys/guard.secret (created
+    # on first use, 0600).  Replicas of guard must share it.
+    secret: SecretStr | None = None
+    pseudonym_ttl_s: int = Field(30 * 24 * 3600, ge=1)
+    pii_min_score: float = Field(0.5, ge=0.0, le=1.0)
+    unsafe_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class RouteSettings(BaseModel):

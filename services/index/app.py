@@ -20,7 +20,7 @@ from stratamesh.bus.envelope import now_ms
 from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
 from stratamesh.config import IndexSettings, Settings
-from stratamesh.errors import ConfigError, Poison
+from stratamesh.errors import ConfigError, Poison, StrataError
 from stratamesh.events import (
     ChunksEmbedded,
     ChunksIndexed,
@@ -28,6 +28,7 @@ from stratamesh.events import (
     QueryEmbedded,
     RetrievalPlan,
 )
+from stratamesh.models.rerankers import Reranker, make_reranker
 from stratamesh.obs.metrics import REGISTRY
 from stratamesh.security.keys import Keyring, SigningKey
 from stratamesh.stores.idempotency import IdempotencyStore
@@ -36,13 +37,14 @@ from stratamesh.stores.vectors import SparseVec, VectorStore, open_vector_store
 from .catalog import Catalog
 from .filters import InvalidFilter, search_filter
 from .indexing import index_events, source_ms
-from .search import Mode, citations, search_chunks
+from .search import Mode, Ranked, citations, rerank, search_chunks
 
 __all__ = ["INDEX_LAG", "IndexService", "service"]
 
 log = structlog.get_logger("stratamesh.index")
 
 STAGE_LATENCY_KEY: Final = "retrieve"
+RERANK_VERSION_KEY: Final = "reranker"
 # docs.embedded micro-batches: one upsert per batch (up to this many events / this long).
 UPSERT_BATCH: Final = 64
 UPSERT_BATCH_WAIT_MS: Final = 20
@@ -67,6 +69,7 @@ class IndexService(Service):
         self.store: VectorStore | None = None
         self.catalog: Catalog | None = None
         self.index_settings = IndexSettings()
+        self.reranker: Reranker | None = None
         self._owns_store = False
         self.subscribe(
             topics.DOCS_EMBEDDED, batch_size=UPSERT_BATCH, batch_wait_ms=UPSERT_BATCH_WAIT_MS
@@ -76,6 +79,8 @@ class IndexService(Service):
     def bind(self, settings: Settings, store: VectorStore | None = None) -> VectorStore:
         """Attach the vector store (opened from ``settings`` unless given)."""
         self.index_settings = settings.index
+        if self.reranker is None:
+            self.reranker = make_reranker(settings)
         if store is None:
             store = open_vector_store(settings)
             self._owns_store = True
@@ -99,6 +104,9 @@ class IndexService(Service):
 
     async def stop(self) -> None:
         await super().stop()
+        if self.reranker is not None:
+            await self.reranker.aclose()
+            self.reranker = None
         if self.store is not None and self._owns_store:
             await self.store.close()
             self.store = self.catalog = None
@@ -146,6 +154,7 @@ class IndexService(Service):
         plan = event.route.retrieval
         cfg = self.index_settings
         collection = await catalog.for_query(event.embed_model, plan.collection)
+        versions = dict(event.versions)
         ranked = []
         if collection is not None and plan.enabled and (plan.dense or plan.sparse):
             try:
@@ -157,17 +166,26 @@ class IndexService(Service):
                 mode: Mode = (
                     "hybrid" if plan.dense and plan.sparse else "dense" if plan.dense else "sparse"
                 )
+                top_k = _plan_value(plan, "top_k", cfg.top_k)
+                reranker = self.reranker if plan.rerank else None
+                candidates = (
+                    max(top_k, _plan_value(plan, "rerank_top_n", cfg.rerank_candidates))
+                    if reranker is not None
+                    else top_k
+                )
                 ranked = await search_chunks(
                     store,
                     collection,
                     flt,
                     dense=event.dense,
                     sparse=SparseVec(event.sparse.indices, event.sparse.values),
-                    top_k=_plan_value(plan, "top_k", cfg.top_k),
+                    top_k=candidates,
                     prefetch_limit=_plan_value(plan, "prefetch_k", cfg.prefetch_limit),
                     rrf_k=_plan_value(plan, "rrf_k", cfg.rrf_k),
                     mode=mode,
                 )
+                if plan.rerank:
+                    ranked = await self._rerank(reranker, event, ranked, top_k, versions)
         elif collection is None:
             log.warning("no collection for the query's embedding model", model=event.embed_model)
         slip = event.slip.advanced()
@@ -181,12 +199,35 @@ class IndexService(Service):
                 tenant=tenant,
                 slip=slip,
                 stage_latency_ms=latency,
+                versions=versions,
                 context=citations(ranked),
                 collection=collection or "",
                 embed_model=event.embed_model,
             ),
             next_stage=slip.next_stage,
         )
+
+    async def _rerank(
+        self,
+        reranker: Reranker | None,
+        event: QueryEmbedded,
+        ranked: list[Ranked],
+        top_k: int,
+        versions: dict[str, str],
+    ) -> list[Ranked]:
+        """Rerank, or keep the fused order and say why in ``versions["rerank"]``: retrieval
+        degrades rather than fails when the reranker is missing, open or refusing."""
+        if reranker is None:
+            versions[RERANK_VERSION_KEY] = "skipped: no reranker configured"
+            return ranked[:top_k]
+        try:
+            out = await rerank(reranker, event.query.prompt, ranked, top_k)
+        except StrataError as exc:
+            log.warning("rerank skipped", reason=str(exc), reranker=reranker.model_id)
+            versions[RERANK_VERSION_KEY] = f"skipped: {type(exc).__name__}"
+            return ranked[:top_k]
+        versions[RERANK_VERSION_KEY] = reranker.model_id
+        return out
 
 
 service = IndexService()

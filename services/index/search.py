@@ -11,6 +11,10 @@ identically.
 Position-aware ordering (:func:`position_order`): language models use the start and the end
 of a long context best and the middle worst ("lost in the middle", Liu et al. 2023), so the
 final chunks go best first, second-best last, and the weaker ones in between.
+
+Optional rerank (:func:`rerank`): the fused candidates (the plan's ``rerank_top_n``, 20 by
+default) are scored by a reranker against the query and the best ``top_k`` kept, before the
+position-aware order.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 from stratamesh.events import Citation
+from stratamesh.models.rerankers import Reranker
 from stratamesh.stores.vectors import (
     F_CHUNK_ID,
     F_DOC_ID,
@@ -40,6 +45,7 @@ __all__ = [
     "citation",
     "citations",
     "position_order",
+    "rerank",
     "rrf_fuse",
     "search_chunks",
 ]
@@ -118,6 +124,27 @@ async def search_chunks(
     else:
         hits = await store.search(collection, spec)
     return [Ranked(i, h) for i, h in enumerate(hits[:top_k])]
+
+
+def passage(hit: Hit) -> str:
+    """What a reranker reads of a chunk: its title, then its text (as the embedder does)."""
+    title = str(hit.payload.get(F_TITLE, ""))
+    text = str(hit.payload.get(F_TEXT, ""))
+    return f"{title}\n{text}" if title and not text.startswith(title) else text
+
+
+async def rerank(
+    reranker: Reranker, query: str, ranked: Sequence[Ranked], top_k: int
+) -> list[Ranked]:
+    """The ``top_k`` of ``ranked`` by the reranker's scores (ties keep the fused order);
+    each hit's score becomes its rerank score."""
+    if not ranked:
+        return []
+    scores = await reranker.scores(query, [passage(r.hit) for r in ranked])
+    order = sorted(range(len(ranked)), key=lambda i: (-scores[i], ranked[i].rank))
+    return [
+        Ranked(new, replace(ranked[i].hit, score=scores[i])) for new, i in enumerate(order[:top_k])
+    ]
 
 
 def citation(ranked: Ranked) -> Citation:

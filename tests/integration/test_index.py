@@ -14,6 +14,7 @@ import pytest
 from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
 from stratamesh.bus.codec import Codec
+from stratamesh.config import IndexSettings
 from stratamesh.events import (
     Chunk,
     ChunksEmbedded,
@@ -37,6 +38,7 @@ from stratamesh.reindex import REINDEX_IDENTITY, reindex
 from stratamesh.services.embed.app import build_service
 from stratamesh.services.index.app import IndexService
 from stratamesh.stores.vectors import collection_name, open_alias_book
+from tests.httpserver import JsonServer
 from tests.integration.conftest import Env
 from tests.integration.test_bus import read_all
 
@@ -325,3 +327,51 @@ async def test_reindex_by_replay_builds_a_collection_and_swaps_the_alias(
     assert back.rolled_back and back.collection == old and back.previous == result.collection
     assert await book.get("strata_chunks") == old
     assert DEFAULT_MODEL in model_stamp(minilm)
+
+
+def methods_first(path: str, body: Any) -> tuple[int, Any]:
+    """A TEI-style reranker that prefers the 'Methods' chunks (the fused order never does)."""
+    return 200, [
+        {"index": i, "score": 0.9 if "Methods" in t else 0.1} for i, t in enumerate(body["texts"])
+    ]
+
+
+async def test_rerank_reorders_the_fused_candidates_and_degrades_when_the_server_fails(
+    env: Env, minilm: LocalEmbedder
+) -> None:
+    async with JsonServer(methods_first) as server:
+        index = IndexSettings(rerank_endpoint=server.url, rerank_model="reranker-test")
+        settings = env.settings.model_copy(update={"index": index})
+        embed = await env.publisher("embed")
+        await env.start(IndexService(), settings)
+        for doc_id, text in DOCS.items():
+            await embed.publish(
+                embedded(minilm, "acme", doc_id, [text, f"Methods of the {doc_id} study."])
+            )
+        await read_all(env.settings, T.DOCS_INDEXED, 3, timeout=30)
+        prompt = "What causes insulin resistance?"
+
+        await embed.publish(query(minilm, "acme", "fused", prompt, top_k=2), next_stage="retrieve")
+        await embed.publish(
+            query(minilm, "acme", "reranked", prompt, top_k=2, rerank=True, rerank_top_n=6),
+            next_stage="retrieve",
+        )
+        outs = decode(env, await read_all(env.settings, T.REQUESTS_RETRIEVED, 2, timeout=30))
+        by_id = {o.request_id: o for o in outs}
+        fused, reranked = by_id["fused"], by_id["reranked"]
+        assert fused.context[0].chunk_id == "insulin:1:0" and "reranker" not in fused.versions
+        assert reranked.versions["reranker"] == "reranker-test"
+        assert len(reranked.context) == 2
+        assert all(c.text.startswith("Methods") and c.score == 0.9 for c in reranked.context)
+        [(path, body)] = server.requests
+        assert path == "/rerank" and body["query"] == prompt and len(body["texts"]) == 6
+
+        server.respond = lambda path, body: (503, {"error": "loading"})
+        await embed.publish(
+            query(minilm, "acme", "degraded", prompt, top_k=2, rerank=True),
+            next_stage="retrieve",
+        )
+        outs = decode(env, await read_all(env.settings, T.REQUESTS_RETRIEVED, 3, timeout=60))
+        [degraded] = [o for o in outs if o.request_id == "degraded"]
+        assert degraded.versions["reranker"].startswith("skipped")
+        assert [c.chunk_id for c in degraded.context] == [c.chunk_id for c in fused.context]

@@ -10,13 +10,9 @@
   with titles (~23 word pieces): 61 / 134 / 131 texts/s.
 * :class:`OpenAIEmbedder` — any OpenAI-compatible ``/v1/embeddings`` server (vLLM, TEI) over
   ``httpx``, behind a :class:`~stratamesh.resilience.CircuitBreaker`.  Failures are mapped
-  onto the error taxonomy so the consumer middleware retries or dead-letters them::
-
-      timeout, connection error, HTTP 5xx/408, malformed body → Transient   (breaker: failure)
-      HTTP 429                                → Transient(retry_after=Retry-After)  (ignored)
-      breaker open                            → CircuitOpen, a Transient with retry_after =
-                                                time until the breaker half-opens
-      other HTTP 4xx                          → Poison (the input will never be accepted)
+  onto the error taxonomy (:mod:`stratamesh.resilience.http`) so the consumer middleware
+  retries or dead-letters them; an open breaker raises CircuitOpen, a Transient whose
+  retry_after is the time until it half-opens.
 
   Batches larger than ``max_inputs`` go out as concurrent requests of that many texts.
   A connection error or 5xx is retried once in the call itself (after a jittered backoff,
@@ -37,7 +33,6 @@ import asyncio
 import hashlib
 import importlib
 import importlib.metadata
-import math
 import os
 import threading
 from collections.abc import Sequence
@@ -51,8 +46,9 @@ import numpy.typing as npt
 import structlog
 
 from stratamesh.config import Settings
-from stratamesh.errors import ConfigError, Poison, Transient
+from stratamesh.errors import ConfigError
 from stratamesh.resilience.breaker import CircuitBreaker
+from stratamesh.resilience.http import post_json, with_retries
 from stratamesh.resilience.retry import Backoff, RetryBudget
 
 if TYPE_CHECKING:
@@ -247,20 +243,6 @@ class LocalEmbedder:
 # -- remote -----------------------------------------------------------------------------------
 
 
-class _Retryable(Transient):
-    """A failure the embedder itself may retry once (connection error, 5xx)."""
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: let the backoff decide
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 class OpenAIEmbedder:
     """An OpenAI-compatible embeddings endpoint (``POST {endpoint}/v1/embeddings``)."""
 
@@ -326,53 +308,24 @@ class OpenAIEmbedder:
         return np.concatenate([p.result() for p in parts])
 
     async def _embed_request(self, texts: Sequence[str]) -> Vectors:
-        self.budget.deposit()
-        attempt = 0
-        while True:
-            try:
-                return await self._call(texts)
-            except _Retryable:
-                attempt += 1
-                if attempt > self.retries or not self.budget.try_withdraw():
-                    raise
-                await asyncio.sleep(self.backoff.delay(attempt))
+        return await with_retries(
+            lambda: self._call(texts),
+            retries=self.retries,
+            budget=self.budget,
+            backoff=self.backoff,
+        )
 
     async def _call(self, texts: Sequence[str]) -> Vectors:
-        permit = self.breaker.acquire()  # CircuitOpen (Transient) when open
         body = {"model": self._model_id, "input": list(texts), "encoding_format": "float"}
-        try:
-            response = await self._http().post(self.url, json=body, headers=self._headers)
-        except httpx.TimeoutException as exc:
-            self.breaker.failure(permit)
-            raise Transient(f"embedding endpoint timed out after {self.timeout_s}s") from exc
-        except httpx.TransportError as exc:
-            self.breaker.failure(permit)
-            raise _Retryable(f"embedding endpoint unreachable: {exc!r}") from exc
-        except BaseException:
-            self.breaker.ignore(permit)  # cancelled, or our own bug: not the server's health
-            raise
-        status = response.status_code
-        if status == 429:
-            self.breaker.ignore(permit)
-            raise Transient(
-                "embedding endpoint is rate limiting (HTTP 429)",
-                retry_after=_retry_after(response.headers.get("retry-after")),
-            )
-        if status >= 500 or status == 408:
-            self.breaker.failure(permit)
-            raise _Retryable(f"embedding endpoint failed: HTTP {status}: {response.text[:200]}")
-        if status >= 400:
-            self.breaker.success(permit)  # the server is healthy; it refuses this input
-            raise Poison(
-                f"embedding endpoint rejected the input: HTTP {status}: {response.text[:300]}"
-            )
-        try:
-            vectors = self._parse(response.json(), len(texts))
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            self.breaker.failure(permit)
-            raise Transient(f"embedding endpoint sent a malformed response: {exc}") from exc
-        self.breaker.success(permit)
-        return vectors
+        return await post_json(
+            self._http(),
+            self.url,
+            body,
+            breaker=self.breaker,
+            parse=lambda payload: self._parse(payload, len(texts)),
+            what=f"embedding endpoint ({self.timeout_s}s timeout)",
+            headers=self._headers,
+        )
 
     @staticmethod
     def _parse(payload: Any, expected: int) -> Vectors:
