@@ -17,7 +17,14 @@ from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.errors import Transient
-from stratamesh.events import EVENT_TYPES, InferenceRequested, RequestAdmitted
+from stratamesh.events import (
+    EVENT_TYPES,
+    CompletionStatus,
+    DocumentChunked,
+    InferenceRequested,
+    RequestAdmitted,
+    RequestCompleted,
+)
 from stratamesh.events.testing import sample_event
 from stratamesh.security.keys import Keyring, generate_identity
 from stratamesh.security.signing import leaf_hash, verify_record
@@ -281,7 +288,7 @@ async def test_redelivered_event_has_no_second_effect(env: Env) -> None:
     assert [e.event_id for e, *_ in seen].count(event.event_id) == 1
 
 
-async def test_expired_deadline_goes_to_dlq_and_stage_filter_skips(env: Env) -> None:
+async def test_expired_request_gets_an_expired_result_and_stage_filter_skips(env: Env) -> None:
     client = env.client("web", "acme")
     pub = await env.publisher(client)
     seen: list[Any] = []
@@ -297,8 +304,28 @@ async def test_expired_deadline_goes_to_dlq_and_stage_filter_skips(env: Env) -> 
     await pub.publish(mine, next_stage=T.Stage.GUARD_IN)
     await eventually(lambda: len(seen) == 1)
     assert seen[0][0].event_id == mine.event_id
-    dead = await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 1, timeout=3)
+    # Errors as data: the request ends with one `expired` result, not a DLQ record, and the
+    # result carries no deadline header (late readers must not refuse it).
+    [record] = await read_all(env.settings, T.RESULTS, 1, timeout=5)
+    hdrs = H.header_dict(record.headers)
+    assert H.DEADLINE not in hdrs and hdrs[H.PRODUCER] == b"guard"
+    result = Codec.from_settings(env.settings).decode(record.value)
+    assert isinstance(result, RequestCompleted) and result.status == CompletionStatus.EXPIRED
+    assert result.request_id == expired.request_id and result.tenant == "acme"
+    assert "deadline passed at stage guard" in (result.reason or "")
+    assert await read_all(env.settings, T.dlq_of(T.REQUESTS_SUBMITTED), 1, timeout=1) == []
+
+
+async def test_expired_knowledge_event_goes_to_the_dlq(env: Env) -> None:
+    pub = await env.publisher("ingest")
+    seen: list[Any] = []
+    svc = Service("embed")
+    svc.subscribe(T.DOCS_CHUNKED)(recorder(seen))
+    await env.start(svc)
+    await pub.publish(sample_event(DocumentChunked), deadline_ms=int(time.time() * 1000) - 1000)
+    dead = await read_all(env.settings, T.dlq_of(T.DOCS_CHUNKED), 1, timeout=5)
     assert [H.header_dict(d.headers)[H.DLT_FAILURE_CLASS] for d in dead] == [b"deadline"]
+    assert seen == []
 
 
 async def test_batched_subscription_gets_micro_batches_from_the_broker(env: Env) -> None:

@@ -9,8 +9,13 @@ from stratamesh.bus import topics as T
 from stratamesh.bus.middleware import Context, DeadLettered, Handled, Skipped
 from stratamesh.bus.service import Service
 from stratamesh.bus.testing import MemoryMesh
-from stratamesh.errors import Transient
-from stratamesh.events import InferenceRequested, RequestAdmitted
+from stratamesh.errors import DeadlineExceeded, Transient
+from stratamesh.events import (
+    CompletionStatus,
+    InferenceRequested,
+    RequestAdmitted,
+    RequestCompleted,
+)
 from stratamesh.events.testing import sample_event
 
 
@@ -122,3 +127,24 @@ async def test_batched_handler_gets_a_batch_and_isolates_a_poison_record() -> No
     kinds = [type(o).__name__ for *_, o in mesh.outcomes]
     assert kinds == ["Handled", "Handled", "DeadLettered", "Handled", "Handled"]
     assert len(mesh.topics[T.REQUESTS_ADMITTED]) == 4
+
+
+async def test_a_handler_out_of_deadline_ends_the_request_with_an_expired_result() -> None:
+    svc = Service("infer")
+
+    @svc.subscribe(T.REQUESTS_SUBMITTED)
+    async def slow(event: InferenceRequested, ctx: Context) -> None:
+        raise DeadlineExceeded("the model call outlived the request's deadline")
+
+    mesh = MemoryMesh(svc)
+    client = mesh.client("web", tenant="acme")
+    request = sample_event(InferenceRequested)
+    await mesh.publish(request, as_=client)
+    await mesh.run_until_idle()
+    [(_, _, outcome)] = mesh.outcomes
+    assert isinstance(outcome, Handled)
+    [result] = mesh.events(T.RESULTS)
+    assert isinstance(result, RequestCompleted) and result.status == CompletionStatus.EXPIRED
+    assert result.request_id == request.request_id and result.producer == "infer"
+    assert "outlived" in (result.reason or "")
+    assert mesh.topics[T.dlq_of(T.REQUESTS_SUBMITTED)] == []

@@ -4,6 +4,12 @@
            ─► deadline ─► handler (transient errors retried with backoff, inside a budget)
            ─► outputs, or one DLQ record with the original key/value bytes and headers
 
+A deadline that passes on a request-plane event is not a failure but an answer: instead of a
+DLQ record the stage holding the request publishes ``RequestCompleted(status=expired)`` to
+``results`` (errors as data), so every request gets exactly one result.  Terminal events
+(results, reviews) never carry a deadline header: late readers (audit, caches) must not
+refuse them.
+
 The middleware decides; it does not send.  The runtime (:mod:`stratamesh.bus.runtime` over
 Kafka, :mod:`stratamesh.bus.testing` in memory) sends the outputs, waits for the broker's
 acks, marks the event handled and only then commits the offset.
@@ -26,7 +32,14 @@ from stratamesh.bus.codec import Codec
 from stratamesh.bus.envelope import Envelope, now_ms
 from stratamesh.bus.producer import OutRecord
 from stratamesh.bus.publish import event_record, topic_of_event
-from stratamesh.bus.topics import CLIENT_PRODUCER, TopicSpec, dlq_of, topic
+from stratamesh.bus.topics import (
+    CLIENT_PRODUCER,
+    RESULTS,
+    TERMINAL_EVENT_TYPES,
+    TopicSpec,
+    dlq_of,
+    topic,
+)
 from stratamesh.errors import (
     DeadlineExceeded,
     DecodeError,
@@ -37,7 +50,13 @@ from stratamesh.errors import (
     UnauthorizedProducer,
     classify,
 )
-from stratamesh.events import Event, derived_event_id
+from stratamesh.events import (
+    CompletionStatus,
+    Event,
+    RequestCompleted,
+    RequestEvent,
+    derived_event_id,
+)
 from stratamesh.obs.logging import bind_record
 from stratamesh.obs.metrics import BusMetrics
 from stratamesh.obs.tracing import TraceContext
@@ -137,7 +156,10 @@ class Context:
         if env.unsigned_ingress and getattr(event, "unsigned_ingress", True) is False:
             event = event.model_copy(update={"unsigned_ingress": True})
         trace = (env.trace or TraceContext.new()).child()
-        deadline = deadline_ms if deadline_ms is not None else env.deadline_ms
+        if event.EVENT_TYPE in TERMINAL_EVENT_TYPES:
+            deadline = deadline_ms
+        else:
+            deadline = deadline_ms if deadline_ms is not None else env.deadline_ms
         self.outputs.append(
             p.event_record(
                 event,
@@ -299,7 +321,7 @@ class Pipeline:
                 outcomes[i] = Skipped("duplicate")
             elif item.envelope.expired():
                 exc = DeadlineExceeded(f"deadline {item.envelope.deadline_ms} passed")
-                outcomes[i] = self.dead_letter(item.record, exc, FailureClass.DEADLINE, 1)
+                outcomes[i] = self.deadline_passed(item, self._effective_envelope(item), exc, 1)
             else:
                 env = self._effective_envelope(item)
                 batch.append((i, item, Context(self, item.record, env, 1)))
@@ -462,7 +484,7 @@ class Pipeline:
         while True:
             if env.expired():
                 exc = DeadlineExceeded(f"deadline {env.deadline_ms} passed")
-                return self.dead_letter(record, exc, FailureClass.DEADLINE, attempt)
+                return self.deadline_passed(item, env, exc, attempt)
             ctx = Context(self, record, env, attempt)
             started = time.perf_counter()
             try:
@@ -474,6 +496,8 @@ class Pipeline:
                 raise
             except Exception as exc:
                 verdict = classify(exc)
+                if verdict.failure is FailureClass.DEADLINE:
+                    return self.deadline_passed(item, env, exc, attempt)
                 if not verdict.retryable:
                     return self.dead_letter(record, exc, verdict.failure, attempt)
                 if attempt >= self.attempts:
@@ -487,7 +511,7 @@ class Pipeline:
                     else self.backoff.delay(attempt)
                 )
                 if env.deadline_ms is not None and now_ms() + delay * 1000 > env.deadline_ms:
-                    return self.dead_letter(record, exc, FailureClass.DEADLINE, attempt)
+                    return self.deadline_passed(item, env, exc, attempt)
                 log.warning(
                     "handler failed, retrying",
                     error=type(exc).__name__,
@@ -502,6 +526,28 @@ class Pipeline:
                 self._m(record.topic).seconds.observe(time.perf_counter() - started)
             self._m(record.topic).ok.inc()
             return Handled(env.event_id or "", ctx.outputs)
+
+    def deadline_passed(
+        self, item: Admitted, env: Envelope, exc: BaseException, attempt: int
+    ) -> Outcome:
+        """A request-plane event whose deadline passed here ends as an ``expired`` result;
+        anything else goes to the DLQ (failure class ``deadline``)."""
+        event = item.event
+        if not isinstance(event, RequestEvent) or isinstance(event, RequestCompleted):
+            return self.dead_letter(item.record, exc, FailureClass.DEADLINE, attempt)
+        ctx = Context(self, item.record, env, attempt)
+        result = RequestCompleted.derive(
+            event,
+            stage=f"{self.service}:expired",
+            producer=self.service,
+            tenant=env.tenant or event.tenant,
+            status=CompletionStatus.EXPIRED,
+            reason=f"deadline passed at stage {self.service}: {exc}"[:_MESSAGE_LIMIT],
+        )
+        ctx.publish(result, topic_name=self.namespace + RESULTS)
+        self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()
+        log.info("request expired", stage=self.service, attempt=attempt)
+        return Handled(env.event_id or "", ctx.outputs)
 
     def dead_letter(
         self, record: InRecord, exc: BaseException, failure: FailureClass, attempt: int

@@ -26,6 +26,7 @@ __all__ = [
     "REVIEWS_DECIDED",
     "REVIEWS_PENDING",
     "SHADOW_PREFIX",
+    "TERMINAL_EVENT_TYPES",
     "TOPICS",
     "Stage",
     "TopicSpec",
@@ -60,6 +61,13 @@ SHADOW_PREFIX: Final = "shadow."
 CLIENT_PRODUCER: Final = "client"
 
 DAY_MS: Final = 24 * 3600 * 1000
+
+
+# Events that end a request's path: they never carry a deadline header, so that late readers
+# (audit, route's cache fill, UIs) never refuse them as expired.
+TERMINAL_EVENT_TYPES: Final = frozenset(
+    {"RequestCompleted", "HumanReviewRequested", "HumanReviewDecided"}
+)
 
 
 class Stage:
@@ -245,7 +253,9 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         RESULTS,
         "RequestCompleted",
         "request",
-        "guard route console",
+        # guard releases answers; route refuses (overloaded, over_budget); any stage holding a
+        # request when its deadline passes publishes its `expired` result (bus middleware).
+        "guard route console embed index infer consensus judge",
         "route audit console",
         "final results for UIs (route fills its answer cache from them)",
         30,
