@@ -212,6 +212,71 @@ def ingest(
 
 
 @app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the question (quote it)")],
+    as_: Annotated[str, typer.Option("--as", help="client identity that signs it")] = (
+        "client:local"
+    ),
+    task: Annotated[str, typer.Option(help="task: qa, summarise, extract ...")] = "qa",
+    priority: Annotated[str, typer.Option(help="lane: enterprise, pro or free")] = "pro",
+    deadline: Annotated[float, typer.Option(help="seconds the mesh has to answer")] = 120.0,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="answer as JSON following this schema")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole result event")] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Ask the mesh a question and print the answer with its citations, the slip it
+    travelled, per-stage latency and cost.  Exit code 0 when answered, 1 otherwise."""
+    from stratamesh.client import MeshClient
+    from stratamesh.events import Priority
+
+    settings = _settings(bootstrap)
+    try:
+        lane = Priority(priority)
+    except ValueError:
+        err.print(f"[red]error:[/red] --priority must be one of {[p.value for p in Priority]}")
+        raise typer.Exit(2) from None
+    schema = json_schema.read_text() if json_schema is not None else None
+
+    async def main() -> Any:
+        async with MeshClient(settings, as_) as client:
+            with err.status("waiting for the answer…"):
+                return await client.ask(
+                    question, task=task, priority=lane, deadline_s=deadline, response_format=schema
+                )
+
+    result = _run(main())
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        out.print(describe_result(result), markup=False, highlight=False)
+    raise typer.Exit(0 if result.status == "ok" else 1)
+
+
+def describe_result(result: Any) -> str:
+    """A human rendering of a RequestCompleted event."""
+    lines = [f"status: {result.status}" + (f" ({result.reason})" if result.reason else "")]
+    if result.answer:
+        lines += ["", result.answer.strip(), ""]
+    for i, c in enumerate(result.citations, start=1):
+        lines.append(f"  [{i}] {c.doc_id} v{c.doc_version} ({c.chunk_id}) score {c.score:.3f}")
+    if result.slip is not None:
+        lines.append("slip: " + " → ".join(s.stage for s in result.slip.stages))
+    if result.stage_latency_ms:
+        stages = ", ".join(f"{k} {v:.0f} ms" for k, v in result.stage_latency_ms.items())
+        lines.append(f"latency: {stages}")
+    cost = result.cost
+    lines.append(
+        f"model: {result.model or '-'}   tokens: {cost.input_tokens} in / {cost.output_tokens} "
+        f"out   cost: ${cost.cost_usd:.6f}" + ("   (cached)" if result.cached else "")
+    )
+    if result.retry_after_ms:
+        lines.append(f"retry after {result.retry_after_ms / 1000:.1f} s")
+    return "\n".join(lines)
+
+
+@app.command()
 def reindex(
     embed_model: Annotated[
         str | None,
