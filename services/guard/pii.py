@@ -76,7 +76,7 @@ def ssn_valid(ssn: str) -> bool:
 # -- patterns -----------------------------------------------------------------------------
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24}\b")
-_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
+_CARD = re.compile(r"(?<![\d+-])(?:\d[ -]?){11,18}\d(?![\d-])")
 _IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
 _SSN_CUE = re.compile(r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(\d{9})\b", re.I)
@@ -409,7 +409,9 @@ def detect(text: str, *, min_score: float = 0.0, broad: bool = False) -> list[Sp
         *_dates(text, broad=True),
     ]
     spans: list[Span] = [s for s in structured if broad or s.entity_type != "DATE_TIME"]
-    spans.extend(_phones(text, structured))
+    # Digits a confident detector explained are not a phone; a Luhn-failing "card" may be one.
+    explained = [s for s in structured if s.score >= 0.5 or s.entity_type == "DATE_TIME"]
+    spans.extend(_phones(text, explained))
     spans.extend(_addresses(text))
     spans.extend(_persons(text, broad))
     if spans:
