@@ -149,7 +149,7 @@ def run(
     settings = _settings(bootstrap)
     configure_logging(settings.log_level, json=settings.log_json, service=name)
     svc = load_service(name)
-    if identity or shadow:  # services with their own start-up keep it only as themselves
+    if identity or shadow:  # the same handlers and lifecycle hooks, another identity
         svc = svc.variant(identity=identity, shadow=shadow)
 
     async def main() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from stratamesh.bus.middleware import Context, Pipeline
+from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
 from stratamesh.bus.topics import DOCS_CHUNKED, REQUESTS_ROUTED, Stage
 from stratamesh.config import Settings
@@ -44,34 +44,10 @@ from stratamesh.resilience.breaker import breaker_metrics
 from .cache import EmbeddingCache
 from .vectoriser import Vectoriser
 
-__all__ = ["SERVICE", "EmbedService", "build_service", "chunk_text", "query_text", "service"]
+__all__ = ["SERVICE", "build_service", "chunk_text", "query_text", "service"]
 
 SERVICE = "embed"
 STAGE_LATENCY_KEY = "embed"
-
-
-class EmbedService(Service):
-    """A :class:`Service` that owns its vectoriser: it adopts the settings the service is
-    started with (Redis URL) and closes the model client and cache when stopped."""
-
-    def __init__(
-        self, vectoriser: Vectoriser, *, group: str | None = None, identity: str | None = None
-    ) -> None:
-        super().__init__(SERVICE, group=group, identity=identity)
-        self.vectoriser = vectoriser
-
-    def build_pipeline(self, settings: Settings, **kw: Any) -> Pipeline:
-        self.vectoriser.bind(settings)
-        return super().build_pipeline(settings, **kw)
-
-    async def start(self, settings: Settings, **kw: Any) -> None:
-        self.vectoriser.bind(settings)
-        await self.vectoriser.warm()  # load the model before taking partitions
-        await super().start(settings, **kw)
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self.vectoriser.aclose()
 
 
 def chunk_text(chunk: Chunk) -> str:
@@ -100,7 +76,7 @@ def build_service(
     identity: str | None = None,
     embedder: Embedder | None = None,
     cache: EmbeddingCache | None = None,
-) -> EmbedService:
+) -> Service:
     """An embed service for ``settings.embed`` in consumer group ``group`` (default: the
     identity).  The model loads when the service starts (or on first use in the in-memory
     harness).  ``embedder`` / ``cache`` replace the ones the settings describe (tests, tools).
@@ -111,7 +87,17 @@ def build_service(
     it ``identity=f"embed.{name}"`` (any ``embed.*`` identity may produce ``docs.embedded``;
     it needs its own key) when both kinds must be told apart by id."""
     vectoriser = Vectoriser(settings, embedder=embedder, cache=cache)
-    svc = EmbedService(vectoriser, group=group, identity=identity)
+    svc = Service(SERVICE, group=group, identity=identity)
+    # The vectoriser adopts the settings the service runs with (Redis URL); the model loads
+    # before the consumer takes partitions.
+    svc.on_bind(vectoriser.bind)
+
+    @svc.on_start
+    async def warm(settings: Settings) -> None:
+        vectoriser.bind(settings)
+        await vectoriser.warm()
+
+    svc.on_stop(vectoriser.aclose)
     size, wait_ms = settings.embed.batch_size, settings.embed.batch_wait_ms
     breaker_metrics()
 

@@ -30,8 +30,6 @@ from stratamesh.events import (
 )
 from stratamesh.models.rerankers import Reranker, make_reranker
 from stratamesh.obs.metrics import REGISTRY
-from stratamesh.security.keys import Keyring, SigningKey
-from stratamesh.stores.idempotency import IdempotencyStore
 from stratamesh.stores.vectors import SparseVec, VectorStore, open_vector_store
 
 from .catalog import Catalog
@@ -75,6 +73,9 @@ class IndexService(Service):
             topics.DOCS_EMBEDDED, batch_size=UPSERT_BATCH, batch_wait_ms=UPSERT_BATCH_WAIT_MS
         )(self.on_embedded)
         self.subscribe(topics.REQUESTS_EMBEDDED, stage=topics.Stage.RETRIEVE)(self.on_query)
+        # Hooks, not overrides: a variant (`strata run index --identity ...`) keeps them.
+        self.on_bind(self._bind_once)
+        self.on_stop(self._close)
 
     def bind(self, settings: Settings, store: VectorStore | None = None) -> VectorStore:
         """Attach the vector store (opened from ``settings`` unless given)."""
@@ -88,22 +89,11 @@ class IndexService(Service):
         self.catalog = Catalog(store, settings.index.collection_prefix)
         return store
 
-    async def start(
-        self,
-        settings: Settings,
-        *,
-        keyring: Keyring | None = None,
-        signing_key: SigningKey | None = None,
-        idempotency: IdempotencyStore | None = None,
-    ) -> None:
+    def _bind_once(self, settings: Settings) -> None:
         if self.store is None:
             self.bind(settings)
-        await super().start(
-            settings, keyring=keyring, signing_key=signing_key, idempotency=idempotency
-        )
 
-    async def stop(self) -> None:
-        await super().stop()
+    async def _close(self) -> None:
         if self.reranker is not None:
             await self.reranker.aclose()
             self.reranker = None
