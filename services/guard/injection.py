@@ -63,9 +63,12 @@ HEURISTICS: Final[tuple[tuple[str, float, re.Pattern[str]], ...]] = (
     (
         "role_override",
         0.7,
+        # Narrow on purpose: "from now on" or "pretend you are" alone is everyday language
+        # ("call me Frank from now on"); measured 7 false positives in 6,754 benign prompts.
         re.compile(
-            r"\b(?:from now on|you are no longer|you are now|you will now|pretend (?:that )?you"
-            r" (?:are|have)|act as if you|stay in character)\b",
+            r"\b(?:you are no longer (?:an? |bound|restricted|chatgpt|limited)"
+            r"|from now on,? you (?:are|will|must|shall) (?:act|respond|answer|be|ignore|behave)"
+            r"|stay in character|act as if you (?:have|had) no)\b",
             _F,
         ),
     ),
