@@ -14,12 +14,16 @@ guard pseudonymises spans scoring at least ``GuardSettings.pii_min_score`` (0.5)
 - DATE_OF_BIRTH: a date right after a birth cue (born, DOB, date of birth, birthday) — 0.9
 - STREET_ADDRESS: house number + street words + suffix (English order), Romance
   (``Rue …  38``), Germanic/Nordic (``…straße 5``, ``…vej 298``) and number-name-number forms,
-  apartment/suite units, military addresses, ``City, ST 12345`` — 0.8
+  apartment/suite units, military addresses, ``City, ST 12345`` — 0.8; the rest of the line
+  after an address cue ("address:", "lives at", "ship to" …) when it holds a number next to a
+  capitalised word — 0.7
 - PERSON: a cue (Mr/Ms/Dr …, "my name is", "Name:", "I'm", "last name") + capitalised words
   — 0.9; a known given name (packaged ``given_names.json``) + capitalised surname — 0.8; a
   name before "lives/works/said …" — 0.7; a name line in a block of contact details — 0.7;
   a known given name alone — 0.6 (0.4 at a sentence start or when it is also a common word);
-  a known given name in lower case — 0.5
+  a known given name in lower case — 0.5; capitalised words ending in a surname form
+  (-sson, -sen, -ova, -ić, -dóttir, -escu …) — 0.6; a list of three or more capitalised words,
+  most of them known given names — 0.6
 
 Dates that are not birth dates, organisations, places and nationalities are not personal
 identifiers on their own and are not pseudonymised (pseudonymising "Berlin" or "Kafka" would
@@ -130,8 +134,8 @@ _ADDRESS_PATTERNS: Final = (
     ),
     # 5049 Harjukuja 54, 23680 Parijsstraat 8: a building number, street words, a number.
     re.compile(
-        r"\b\d{1,6}[ \t]+(?:ul\.[ \t]+)?[A-ZÀ-Ý][\w'.-]+(?:[ \t]+[\w'.-]+){0,2}[ \t]+\d{1,5}\b"
-        r"(?![.,]\d)"
+        r"\b\d{1,6}[ \t]+(?:ul\.[ \t]+)?[A-ZÀ-Ý][a-zà-ÿ][\w'.-]+(?:[ \t]+[\w'.-]+){0,2}"
+        r"[ \t]+\d{1,5}\b(?![.,]\d)"
     ),
     # 56 rue La Boétie, 33 avenue de Provence: a number before a lower-case Romance prefix.
     re.compile(
@@ -170,6 +174,18 @@ _PERSON_VERB = re.compile(
 _LOWER_CUE = re.compile(
     r"(?i:\bmy name is|\bname\s*:)\s+([a-zà-ÿ][\w'’-]{1,30}(?:\s+[a-zà-ÿ][\w'’-]{1,30})?)"
 )
+_SURNAME = re.compile(
+    r"(?:sson|sen|ssen|dóttir|dottir|ova|ová|ovа|eva|ev|ov|ski|ska|sky|ský|cki|cka|vić|vic|ić"
+    r"|ová|escu|enko|chuk|yan|ian|idis|opoulos|akis|oglu|oğlu|berg|mann|stein|ström|strom"
+    r"|qvist|quist|gaard|lund|holm|ez|ini|elli|etti|ucci|aki|ainen|inen|nen|oui)$"
+)
+_CAP_LIST = re.compile(rf"{_CAP}(?:,\s*{_CAP}){{1,12}},?\s+and\s+{_CAP}")
+_ADDRESS_CUE = re.compile(
+    r"(?i:\b(?:address(?: is)?|lives (?:at|on)|located at|ship(?:ped)? to|deliver(?:ed)? to"
+    r"|send it to|moved to))\s*:?[ \t]+([^\n.;]{4,80})"
+)
+# A number and a capitalised word in either order: "12 Main", "Parijsstraat 8".
+_ADDRESS_SHAPE = re.compile(r"(?:\d{1,6}[A-Za-z]?,?\s+[A-ZÀ-Ý]|[A-ZÀ-Ý][\w'.-]+\s+\d{1,6}\b)")
 _NAME_LINE = re.compile(rf"(?m)^(?:>\s*)?({_NAME_SEQ})[ \t]*$")
 _CAP_TOKEN = re.compile(_CAP)
 _AMBIGUOUS: Final = frozenset(
@@ -208,6 +224,11 @@ _AMBIGUOUS: Final = frozenset(
         "roman",
         "pierre",
         "chloe",
+        "jordan",
+        "victoria",
+        "florence",
+        "georgia",
+        "virginia",
     ]
 )
 # Words that are capitalised for reasons other than being a name (after "I'm", "This is" …).
@@ -355,6 +376,11 @@ def _addresses(text: str) -> Iterator[Span]:
     for pattern in _ADDRESS_PATTERNS:
         for m in pattern.finditer(text):
             yield Span("STREET_ADDRESS", m.start(), m.end(), 0.8)
+    for m in _ADDRESS_CUE.finditer(text):
+        # After an address cue, the rest of the line is the address when it has a number.
+        value = m.group(1)
+        if _ADDRESS_SHAPE.match(value) and "0x" not in value:
+            yield Span("STREET_ADDRESS", m.start(1), m.end(1), 0.7)
 
 
 def _persons(text: str, broad: bool) -> Iterator[Span]:
@@ -382,17 +408,32 @@ def _persons(text: str, broad: bool) -> Iterator[Span]:
     for m in re.finditer(_NAME_SEQ, text):
         tokens = m.group(0).split()
         first = tokens[0].lower()
-        if first not in names:
-            if broad and not _sentence_start(text, m.start()):
-                yield Span("PROPER_NOUN", m.start(), m.end(), 0.3)
-            continue
         start = m.start()
+        if first not in names:
+            if len(tokens) >= 2 and _SURNAME.search(tokens[-1]) and first not in _NOT_NAMES:
+                # "Hedvig Arvidsson", "Valida M. Ibragimov": a surname by its morphology.
+                yield Span("PERSON", start, m.end(), 0.6)
+            elif broad and not _sentence_start(text, start):
+                yield Span("PROPER_NOUN", start, m.end(), 0.3)
+            continue
         if len(tokens) >= 2:
             yield Span("PERSON", start, m.end(), 0.8)
-        elif first in _AMBIGUOUS or _sentence_start(text, start):
+        elif first in _AMBIGUOUS:
             yield Span("PERSON", start, m.end(), 0.4)
+        elif _sentence_start(text, start):
+            yield Span("PERSON", start, m.end(), 0.55)
         else:
             yield Span("PERSON", start, m.end(), 0.6)
+    # "Mary, Ariana, Isabel and Jodi": a list in which known names are the majority.
+    for m in _CAP_LIST.finditer(text):
+        items = [i for i in re.split(r",\s*|\s+and\s+", m.group(0)) if i]
+        known = sum(1 for i in items if i.split()[0].lower() in names)
+        if len(items) >= 3 and known * 2 >= len(items):
+            pos = m.start()
+            for item in items:
+                at = text.index(item, pos)
+                pos = at + len(item)
+                yield Span("PERSON", at, pos, 0.6)
 
 
 def detect(text: str, *, min_score: float = 0.0, broad: bool = False) -> list[Span]:
