@@ -161,6 +161,37 @@ class RouteSettings(BaseModel):
     policy_file: Path | None = Field(None, description="routing policy; default: the packaged one")
     semantic_cache_threshold: float = Field(0.92, ge=0.0, le=1.0)
     cache_ttl_s: int = 3600
+    cache_enabled: bool = True
+    semantic_cache_max_entries: int = Field(2_000, ge=1, description="per tenant and scope")
+    # Stages deployed: a policy asking for another (consensus, judge before their services
+    # exist) is served without it, counted in strata_route_policy_downgrades_total.
+    enabled_stages: list[str] = Field(default_factory=lambda: ["retrieve", "infer", "guard_out"])
+    # LoRA adapters deployed on the backends (id@revision); others are dropped likewise.
+    adapters: list[str] = Field(default_factory=list)
+    # Per-tenant token bucket (requests): refill rate per second and burst; per-tenant
+    # overrides as JSON, e.g. STRATA_ROUTE__TENANT_RATES='{"acme": [5, 10]}'.
+    rate_per_s: float = Field(50.0, gt=0)
+    burst: float = Field(100.0, ge=1)
+    tenant_rates: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # Cost budget in USD per period (None = unlimited), with per-tenant overrides.
+    budget_usd: float | None = Field(None, ge=0)
+    budget_period_s: int = Field(24 * 3600, ge=1)
+    tenant_budgets: dict[str, float] = Field(default_factory=dict)
+    # Shared capacity (requests/s, burst) the priority lanes draw on; a lane may only take
+    # tokens while the pool holds more than its reserve (fraction of the burst), so under
+    # load `free` is shed first, then `pro`.
+    capacity_pool: str = Field("default", description="Redis name of the shared pool")
+    capacity_per_s: float = Field(200.0, gt=0)
+    capacity_burst: float = Field(400.0, ge=1)
+    lane_reserve: dict[str, float] = Field(
+        default_factory=lambda: {"enterprise": 0.0, "pro": 0.2, "free": 0.5}
+    )
+    # The lane a tenant may use at most (payload priority is capped by it; unlisted
+    # tenants: `max_priority`).
+    tenant_priority: dict[str, Literal["enterprise", "pro", "free"]] = Field(default_factory=dict)
+    max_priority: Literal["enterprise", "pro", "free"] = "enterprise"
+    batch_size: int = Field(32, ge=1, description="admitted requests classified per call")
+    batch_wait_ms: int = Field(5, ge=0)
 
 
 class InferSettings(BaseModel):
