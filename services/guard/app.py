@@ -65,7 +65,9 @@ def build_service(store: MappingStore | None = None) -> GuardService:
     async def close() -> None:
         await guard.close()
 
-    @svc.subscribe(REQUESTS_SUBMITTED, stage=Stage.GUARD_IN)
+    # No stage filter: guard_in is the only reader of ingress, and a client's stray
+    # strata-next header must not make a request vanish unanswered.
+    @svc.subscribe(REQUESTS_SUBMITTED)
     async def on_submitted(event: InferenceRequested, ctx: Context) -> None:
         tenant = ctx.tenant
         if not tenant:

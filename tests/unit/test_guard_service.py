@@ -301,3 +301,23 @@ async def test_redelivered_answer_yields_one_result(mesh: MemoryMesh) -> None:
     await mesh.publish(ev, as_="infer", next_stage="guard_out")
     await mesh.run_until_idle()
     assert len(mesh.events(T.RESULTS)) == 1
+
+
+async def test_every_request_gets_a_decision_whatever_its_headers_or_content(
+    mesh: MemoryMesh,
+) -> None:
+    client = mesh.client("web", tenant="acme")
+    # A stray strata-next header does not make guard skip (and lose) a request.
+    await mesh.publish(
+        request("When does my card arrive?", request_id="a"), as_=client, next_stage="route"
+    )
+    await mesh.publish(request("   ", request_id="b"), as_=client)
+    await mesh.publish(request("\x00\ud7ff" * 10 + " 🙂", request_id="c"), as_=client)
+    await mesh.run_until_idle()
+    admitted = {e.request_id for e in mesh.events(T.REQUESTS_ADMITTED)}
+    results = {e.request_id: e for e in mesh.events(T.RESULTS)}
+    assert admitted == {"a", "c"} and set(results) == {"b"}
+    empty = results["b"]
+    assert isinstance(empty, RequestCompleted) and empty.status == CompletionStatus.BLOCKED
+    assert [f.category for f in empty.findings] == ["empty"]
+    assert not mesh.topics[T.dlq_of(T.REQUESTS_SUBMITTED)]
