@@ -79,9 +79,13 @@ if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
   local extra = redis.call('HLEN', KEYS[2]) - tonumber(ARGV[6])
   if extra > 0 then
-    local victims = redis.call('HRANDFIELD', KEYS[2], extra)
+    -- extra + 1 distinct fields hold at least `extra` besides the one just written.
+    local victims = redis.call('HRANDFIELD', KEYS[2], extra + 1)
     for _, v in ipairs(victims) do
-      if v ~= ARGV[3] then redis.call('HDEL', KEYS[2], v) end
+      if extra > 0 and v ~= ARGV[3] then
+        redis.call('HDEL', KEYS[2], v)
+        extra = extra - 1
+      end
     end
   end
   redis.call('EXPIRE', KEYS[2], ttl)
