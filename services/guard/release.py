@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 
@@ -59,7 +60,16 @@ STAGE = "guard_out"
 
 Source = CandidateAnswer | AnswerDecided | AnswerJudged | RequestRouted
 
-_MARKER = re.compile(r"\[(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\]")
+# [2], [1, 3], [2-4]: infer's citation forms (services/infer/prompting.py).
+_MARKER = re.compile(r"\[(\d{1,3}(?:\s*[-–,;]\s*\d{1,3})*)\]")
+_EXPIRED: Final = "expired"  # CandidateAnswer.degradation when the deadline beat every tier
+
+
+def _numbers(part: str) -> list[int]:
+    bounds = [int(x) for x in re.split(r"\s*[-–]\s*", part.strip())]
+    low, high = bounds[0], bounds[-1]
+    # "[1-2000]" is not a citation of 2000 passages (infer reads it the same way).
+    return [low] if high - low > 20 or high < low else list(range(low, high + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +164,12 @@ def citation_check(
 ) -> CitationCheck:
     """Every ``[n]`` must be a 1-based passage number of ``context``; every cited chunk must
     be one of the context's chunks."""
-    numbers = [int(n) for m in _MARKER.finditer(answer) for n in re.split(r"[,;]", m.group(1))]
+    numbers = [
+        n
+        for m in _MARKER.finditer(answer)
+        for part in re.split(r"[,;]", m.group(1))
+        for n in _numbers(part)
+    ]
     bad = sorted({n for n in numbers if not 1 <= n <= len(context)})
     retrieved = {c.chunk_id for c in context}
     bad_chunks = sorted({c.chunk_id for c in citations if c.chunk_id not in retrieved})
@@ -168,7 +183,8 @@ def citation_check(
 
 def _strip_markers(answer: str, bad: set[int]) -> str:
     def repl(m: re.Match[str]) -> str:
-        good = [n.strip() for n in re.split(r"[,;]", m.group(1)) if int(n) not in bad]
+        parts = re.split(r"\s*[,;]\s*", m.group(1).strip())
+        good = [p for p in parts if not any(n in bad for n in _numbers(p))]
         return f"[{', '.join(good)}]" if good else ""
 
     # A space left before punctuation by a removed marker goes too.
@@ -179,6 +195,32 @@ def _strip_markers(answer: str, bad: set[int]) -> str:
 class Release:
     result: RequestCompleted
     review: HumanReviewRequested | None
+
+
+def _expired(
+    g: Ready, event: Source, draft: Draft, *, tenant: str, producer: str, started: float
+) -> RequestCompleted:
+    """infer gave up at the deadline: an explicit ``expired`` result, never silence."""
+    latency = dict(event.stage_latency_ms)
+    latency[STAGE_LATENCY_KEY] = (time.perf_counter() - started) * 1000.0
+    guard_metrics().results.labels(STAGE, CompletionStatus.EXPIRED.value).inc()
+    return RequestCompleted.derive(
+        event,
+        stage=producer,
+        producer=producer,
+        tenant=tenant,
+        slip=draft.slip.advanced(),
+        status=CompletionStatus.EXPIRED,
+        answer=None,
+        structured=None,
+        citations=[],
+        reason="deadline passed before any model tier answered",
+        model=draft.model,
+        findings=[],
+        cost=draft.cost,
+        stage_latency_ms=latency,
+        versions={**event.versions, **g.versions(), "degradation": _EXPIRED},
+    )
 
 
 class _Findings:
@@ -211,6 +253,10 @@ class _Findings:
 
 async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, producer: str) -> Release:
     started = time.perf_counter()
+    if draft.degradation == _EXPIRED:
+        return Release(
+            _expired(g, event, draft, tenant=tenant, producer=producer, started=started), None
+        )
     policy: TenantPolicy = g.policy.for_tenant(tenant)
     f = _Findings(g)
     answer, structured, citations = draft.answer, draft.structured, list(draft.citations)

@@ -178,6 +178,8 @@ def test_citation_check() -> None:
         "A [3].", [Citation(doc_id="x", doc_version=1, chunk_id="zz", text="t")], ctx
     )
     assert bad.invalid_markers == [3] and bad.invalid_chunks == ["zz"] and bad.score == 0.0
+    ranged = citation_check("A [1-2]. B [2–3].", [], ctx)
+    assert ranged.markers == 4 and ranged.invalid_markers == [3] and ranged.score == 0.75
 
 
 def test_unsafe_rules() -> None:

@@ -321,3 +321,24 @@ async def test_every_request_gets_a_decision_whatever_its_headers_or_content(
     assert isinstance(empty, RequestCompleted) and empty.status == CompletionStatus.BLOCKED
     assert [f.category for f in empty.findings] == ["empty"]
     assert not mesh.topics[T.dlq_of(T.REQUESTS_SUBMITTED)]
+
+
+async def test_an_answer_infer_gave_up_on_ends_as_expired(mesh: MemoryMesh) -> None:
+    await mesh.publish(candidate("", degradation="expired"), as_="infer", next_stage="guard_out")
+    await mesh.run_until_idle()
+    [res] = mesh.events(T.RESULTS)
+    assert isinstance(res, RequestCompleted)
+    assert res.status == CompletionStatus.EXPIRED and res.answer is None and res.reason
+
+
+async def test_strip_removes_only_the_invented_part_of_a_range(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"default": {"allowed_tasks": ["qa"], "citations": "strip"}}')
+    m = MemoryMesh(
+        build_service(store=MemoryMappingStore()),
+        settings=settings_for(tmp_path, policy_file=str(policy)),
+    )
+    await m.publish(candidate("A [1, 2-3]. B [4]."), as_="infer", next_stage="guard_out")
+    await m.run_until_idle()
+    [res] = m.events(T.RESULTS)
+    assert isinstance(res, RequestCompleted) and res.answer == "A [1]. B."
