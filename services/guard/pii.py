@@ -91,7 +91,7 @@ _PHONE = re.compile(
     r"(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w])"
 )
 _PHONE_CUE = re.compile(
-    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|text|whatsapp|contact)\b", re.I
+    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|text|whatsapp|contact|desk|landline)\b", re.I
 )
 _DATE = re.compile(
     r"\b(?:\d{4}-\d{1,2}-\d{1,2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?"
@@ -315,9 +315,14 @@ def _cards(text: str) -> Iterator[Span]:
 
 def _ibans(text: str) -> Iterator[Span]:
     for m in _IBAN.finditer(text):
-        raw = m.group(0).rstrip()
-        if iban_valid(raw):
-            yield Span("IBAN_CODE", m.start(), m.start() + len(raw), 1.0)
+        # The pattern runs on into following words ("GB82… to other"): the longest prefix of
+        # whole groups that passes mod-97 is the IBAN.
+        groups = m.group(0).rstrip().split(" ")
+        for k in range(len(groups), 0, -1):
+            raw = " ".join(groups[:k])
+            if iban_valid(raw):
+                yield Span("IBAN_CODE", m.start(), m.start() + len(raw), 1.0)
+                break
 
 
 def _ssns(text: str) -> Iterator[Span]:
@@ -343,9 +348,21 @@ def _ips(text: str) -> Iterator[Span]:
             yield Span("IP_ADDRESS", m.start(), m.end(), 0.9)
 
 
+def _plausible_date(raw: str) -> bool:
+    parts = re.split(r"[/.-]", raw.split(maxsplit=1)[0]) if raw[:1].isdigit() else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return True  # named months, or ISO with a time: the pattern already constrains them
+    a, b, c = (int(p) for p in parts)
+    if len(parts[0]) == 4:  # ISO year-month-day
+        return 1 <= b <= 12 and 1 <= c <= 31
+    return 1 <= a <= 31 and 1 <= b <= 31 and min(a, b) <= 12
+
+
 def _dates(text: str, broad: bool) -> Iterator[Span]:
     cues = [m.end() for m in _DOB_CUE.finditer(text)]
     for m in _DATE.finditer(text):
+        if not _plausible_date(m.group(0)):
+            continue  # 01.84.17 is a phone number's start, not a date
         if any(0 <= m.start() - end <= 12 for end in cues):
             yield Span("DATE_OF_BIRTH", m.start(), m.end(), 0.9)
         elif broad:

@@ -88,6 +88,11 @@ def test_structured_pii_is_found_and_validated() -> None:
     assert found["+1 (415) 555-0132"] == "PHONE_NUMBER"
     assert found["1984-04-27"] == "DATE_OF_BIRTH"
     assert "999.1.1.1" not in kinds("version 999.1.1.1")
+    # An IBAN followed by words, and a dotted phone number that starts like a date.
+    assert kinds("from GB82WEST12345698765432 to other accounts") == {
+        "GB82WEST12345698765432": "IBAN_CODE"
+    }
+    assert kinds("Can someone call me on 01.84.17.61.18?") == {"01.84.17.61.18": "PHONE_NUMBER"}
 
 
 def test_names_and_addresses() -> None:
