@@ -201,6 +201,39 @@ class InferSettings(BaseModel):
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL (vLLM)")
     api_key: SecretStr | None = None
     replicas: int = Field(1, ge=1, description="replicas started by `strata up`")
+    # The OpenAI-compatible server: the name it serves the model under, and the revision
+    # recorded on answers (pin it: the server does not say which weights it loaded).
+    served_model: str | None = Field(None, description="served model name; default: SmolLM2")
+    revision: str = "unpinned"
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapter id@rev -> served adapter name"
+    )
+    local_runtime: Literal["auto", "llama_cpp", "transformers"] = "auto"
+    local_threads: int | None = None
+    # Fallback chain of the full tier, in order (backend names: local, openai); default:
+    # `backend`, then local when that is remote.  `models` sends a route model id to the
+    # backend that serves it first (the rest of the chain follows).
+    chain: list[str] | None = None
+    models: dict[str, str] = Field(default_factory=dict)
+    reduced_backend: str = "local"
+    reduced_max_tokens: int = Field(96, ge=1)
+    # Degradation hysteresis: step down after `degrade_after` failed requests in a row; try
+    # the tier above again after `recover_after_s`, and step up after `recover_probes`
+    # successes in a row there.
+    degrade_after: int = Field(3, ge=1)
+    recover_after_s: float = Field(30.0, ge=0)
+    recover_probes: int = Field(3, ge=1)
+    attempts: int = Field(3, ge=1, le=3, description="backend calls per request, all tiers")
+    breaker_recovery_s: float = 60.0
+    timeout_s: float = Field(60.0, gt=0, description="call timeout when a request has no deadline")
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    max_context_chars: int = Field(4000, ge=200, description="chunk text put into a prompt")
+    # USD per million tokens (input, output) by model id; unlisted models cost `default_price`.
+    prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    default_price: tuple[float, float] = (0.0, 0.0)
 
 
 class Settings(BaseSettings):
