@@ -413,6 +413,7 @@ async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, produce
         model=draft.model,
         findings=f.items,
         cached=draft.cached,
+        degradation=draft.degradation,
         review_event_id=review.event_id if review is not None else None,
         cost=draft.cost,
         stage_latency_ms=latency,

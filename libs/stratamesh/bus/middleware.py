@@ -53,6 +53,7 @@ from stratamesh.errors import (
 from stratamesh.events import (
     CompletionStatus,
     Event,
+    InferenceRequested,
     RequestCompleted,
     RequestEvent,
     derived_event_id,
@@ -536,6 +537,10 @@ class Pipeline:
         if not isinstance(event, RequestEvent) or isinstance(event, RequestCompleted):
             return self.dead_letter(item.record, exc, FailureClass.DEADLINE, attempt)
         ctx = Context(self, item.record, env, attempt)
+        # Before guard_in nothing is pseudonymised yet: echo no client text.
+        raw: dict[str, Any] = {}
+        if isinstance(event, InferenceRequested):
+            raw["client_metadata"] = {}
         result = RequestCompleted.derive(
             event,
             stage=f"{self.service}:expired",
@@ -543,6 +548,7 @@ class Pipeline:
             tenant=env.tenant or event.tenant,
             status=CompletionStatus.EXPIRED,
             reason=f"deadline passed at stage {self.service}: {exc}"[:_MESSAGE_LIMIT],
+            **raw,
         )
         ctx.publish(result, topic_name=self.namespace + RESULTS)
         self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()

@@ -68,7 +68,7 @@ __all__ = [
     "TraceStep",
 ]
 
-SOURCE_DIGEST: Final = "0ff7a1934418ee6bd3bc120735745fc658e6b2ed045771a466265c02948ccb5d"
+SOURCE_DIGEST: Final = "08527dee64968cfcc6d9f4b2d0e56927a49cc5593fc466807f30d88f11e13e3c"
 """SHA-256 of the schemas these models were generated from."""
 
 
@@ -935,6 +935,13 @@ class RequestCompleted(RequestEvent):
     model: str | None = Field(None, description="Model id@revision of the answer.")
     findings: list[GuardFinding] = Field(default_factory=list, description="Output guard findings.")
     cached: bool = Field(False, description="Served from route's cache.")
+    degradation: str | None = Field(
+        None,
+        description=(
+            "Degradation tier the answer was served at (full, reduced, extractive, expired); null "
+            "when not served by infer."
+        ),
+    )
     review_event_id: UuidStr | None = Field(
         None,
         description="HumanReviewRequested event, when escalated.",
