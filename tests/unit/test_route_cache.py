@@ -73,7 +73,12 @@ def result(request_id: str, tenant_: str, *cites: Citation, **kw: object) -> Req
 
 
 async def cached(
-    cache: ResponseCache, t: str, rid: str, q: Query, v: np.ndarray, *cites: Citation  # type: ignore[type-arg]
+    cache: ResponseCache,
+    t: str,
+    rid: str,
+    q: Query,
+    v: np.ndarray,
+    *cites: Citation,  # type: ignore[type-arg]
 ) -> str:
     digest = exact_digest(q.prompt, q)
     await cache.remember(t, rid, digest, semantic_scope(q), v)
@@ -97,7 +102,9 @@ def test_keys_ignore_form_but_not_meaning() -> None:
     assert semantic_scope(Query(prompt="x", principals=["a", "b"])) == semantic_scope(
         Query(prompt="x", principals=["b", "a"])
     )
-    assert semantic_scope(Query(prompt="x", messages=[Message(role=Role.USER, content="e")])) is None
+    assert (
+        semantic_scope(Query(prompt="x", messages=[Message(role=Role.USER, content="e")])) is None
+    )
 
 
 async def test_exact_and_semantic_hits_stay_in_their_tenant(cache: ResponseCache) -> None:

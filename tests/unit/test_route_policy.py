@@ -50,7 +50,9 @@ def test_high_risk_asks_for_consensus_and_judge_when_deployed(policy: Policy) ->
     assert d.judge.enabled and d.judge.threshold == 0.75 and d.retrieval.rerank
     assert d.est_cost_usd == pytest.approx(3 * 0.001)  # three replicas of a mid model
 
-    hard = policy.decide(c(risk=0.9, complexity=0.7), task="qa", lane="enterprise", settings=settings)
+    hard = policy.decide(
+        c(risk=0.9, complexity=0.7), task="qa", lane="enterprise", settings=settings
+    )
     assert hard.rule == "high-risk-complex" and hard.consensus.mode == ConsensusMode.BFT
     assert (hard.consensus.replicas, hard.consensus.f) == (4, 1)
 
@@ -64,7 +66,9 @@ def test_stages_and_adapters_the_deployment_lacks_are_dropped(policy: Policy) ->
 
 
 def test_lane_caps_the_tier(policy: Policy) -> None:
-    enterprise = policy.decide(c(complexity=0.9), task="qa", lane="enterprise", settings=RouteSettings())
+    enterprise = policy.decide(
+        c(complexity=0.9), task="qa", lane="enterprise", settings=RouteSettings()
+    )
     free = policy.decide(c(complexity=0.9), task="qa", lane="free", settings=RouteSettings())
     assert enterprise.tier.value == "large" and enterprise.downgrades == ()
     assert free.tier.value == "mid" and free.downgrades == ("tier:large>mid",)
@@ -92,7 +96,9 @@ def test_rules_match_on_every_condition() -> None:
     }
     p = Policy(doc)
     assert stages(p, c(), lane="enterprise") == ["retrieve", "infer", "guard_out"]
-    assert p.decide(c(), task="qa", lane="enterprise", settings=RouteSettings()).tier.value == "large"
+    assert (
+        p.decide(c(), task="qa", lane="enterprise", settings=RouteSettings()).tier.value == "large"
+    )
     assert p.decide(c(), task="qa", lane="pro", settings=RouteSettings()).rule == "defaults"
     oos = Classification("oos", 0.2, "oos", complexity=0.1, risk=0.1)
     assert stages(p, oos) == ["infer", "guard_out"]  # retrieval off: straight to infer
@@ -107,7 +113,10 @@ def test_rules_match_on_every_condition() -> None:
         ({"rules": [{"name": "r", "tier": "large"}]}, r"no \[tiers\] entry"),
         ({"rules": [{"name": "r", "retrieval": "nope"}]}, "no retrieval plan"),
         ({"rules": [{"name": "r", "consensus": {"mode": "bft", "replicas": 3, "f": 1}}]}, r"3f\+1"),
-        ({"rules": [{"name": "r", "consensus": {"mode": "majority", "replicas": 2}}]}, "3 replicas"),
+        (
+            {"rules": [{"name": "r", "consensus": {"mode": "majority", "replicas": 2}}]},
+            "3 replicas",
+        ),
         ({"lanes": {"gold": {"max_tier": "small"}}}, "bad lane"),
     ],
 )
