@@ -210,6 +210,9 @@ class InferSettings(BaseModel):
     )
     local_runtime: Literal["auto", "llama_cpp", "transformers"] = "auto"
     local_threads: int | None = None
+    models_dir: Path | None = Field(
+        None, description="converted local models (safetensors); default: $STRATA_HOME/models"
+    )
     # Fallback chain of the full tier, in order (backend names: local, openai); default:
     # `backend`, then local when that is remote.  `models` sends a route model id to the
     # backend that serves it first (the rest of the chain follows).

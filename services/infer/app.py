@@ -165,7 +165,7 @@ class InferEngine:
         cfg = settings.infer
         backends: dict[str, LLMBackend] = {
             "local": LocalBackend(
-                models_dir=settings.home / "models",
+                models_dir=cfg.models_dir or settings.home / "models",
                 runtime=cfg.local_runtime,
                 threads=cfg.local_threads,
                 timeout_s=cfg.timeout_s,

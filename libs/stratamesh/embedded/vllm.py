@@ -82,6 +82,7 @@ class LocalVLLM:
         stop_timeout_s: float = 10.0,
     ) -> None:
         self.home = home or (settings.home if settings else Settings().home)
+        self._models_dir = (settings.infer.models_dir if settings else None) or self.home / "models"
         self._model_dir = model_dir
         self.served_model = served_model
         self.host = host
@@ -113,7 +114,7 @@ class LocalVLLM:
     def model_dir(self) -> Path:
         """The safetensors folder served (converted from the GGUF on first use)."""
         if self._model_dir is None:
-            self._model_dir = ensure_safetensors(self.home / "models")
+            self._model_dir = ensure_safetensors(self._models_dir)
         return self._model_dir
 
     def command(self) -> list[str]:
