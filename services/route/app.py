@@ -190,7 +190,7 @@ class RouteService(Service):
         for event, ctx in items:
             lane = effective_lane(event.priority.value, ctx.tenant, cfg)
             if not ctx.is_replay:
-                refusal = await limits.admit(ctx.tenant, lane)
+                refusal = await limits.admit(ctx.tenant, lane, event.request_id)
                 if refusal is not None:
                     self._refuse(event, ctx, refusal, lane, started)
                     continue

@@ -23,18 +23,28 @@ from typing import Any, Final, Literal
 import redis.asyncio as aioredis
 
 from stratamesh.config import RouteSettings
-from stratamesh.stores.keys import ROUTE_BUCKET, ROUTE_BUDGET, ROUTE_LANES, ROUTE_RESERVATION
+from stratamesh.stores.keys import (
+    ROUTE_ADMITTED,
+    ROUTE_BUCKET,
+    ROUTE_BUDGET,
+    ROUTE_LANES,
+    ROUTE_RESERVATION,
+)
 
 __all__ = ["LANES", "Lane", "Limits", "Refusal", "effective_lane"]
 
 Lane = Literal["enterprise", "pro", "free"]
 LANES: Final[tuple[Lane, ...]] = ("enterprise", "pro", "free")  # highest first
+# How long an admitted request is remembered (covers retries and a consumer's restart).
+ADMITTED_TTL_MS: Final = 15 * 60 * 1000
 
 # Token bucket refill, in one place for both buckets:
 #   tokens = min(burst, tokens + (now - ts) * rate / 1000)
 # Returns {code, retry_after_ms}: 0 admitted, 1 tenant bucket empty, 2 pool at the lane's
-# reserve.  Nothing is written on a refusal except the refilled state.
+# reserve.  Nothing is written on a refusal except the refilled state.  KEYS[3] marks the
+# request admitted: a redelivery or retry of the same request is admitted again for free.
 _ADMIT: Final = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, 0} end
 local now = tonumber(ARGV[1])
 local function refill(key, rate, burst)
   local s = redis.call('HMGET', key, 'tokens', 'ts')
@@ -56,6 +66,7 @@ elseif p - 1 < reserve then
   code = 2; wait = math.ceil((reserve + 1 - p) * 1000 / p_rate)
 else
   t = t - 1; p = p - 1
+  redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[8]))
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(t), 'ts', tostring(now))
 redis.call('HSET', KEYS[2], 'tokens', tostring(p), 'ts', tostring(now))
@@ -65,10 +76,12 @@ return {code, wait}
 """
 
 # Reserve ARGV[2] USD of the period budget ARGV[1]; the reservation (KEYS[2]) remembers
-# how much, for settle.  Returns {ok, spent-after-as-string}.
+# how much, for settle.  Returns {ok, spent-after-as-string}.  A request that already holds
+# a reservation (redelivery, retry) is not charged twice.
 _RESERVE: Final = """
 local budget, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then return {1, tostring(spent)} end
 if spent + amount > budget then return {0, tostring(spent)} end
 spent = redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -127,15 +140,22 @@ class Limits:
     def budget_of(self, tenant: str) -> float | None:
         return self.settings.tenant_budgets.get(tenant, self.settings.budget_usd)
 
-    async def admit(self, tenant: str, lane: Lane, *, at_ms: int | None = None) -> Refusal | None:
-        """Take one token of the tenant's bucket and of the shared pool, or refuse."""
+    async def admit(
+        self, tenant: str, lane: Lane, request_id: str, *, at_ms: int | None = None
+    ) -> Refusal | None:
+        """Take one token of the tenant's bucket and of the shared pool, or refuse.  Once
+        admitted, the same request is admitted again without a token (redeliveries)."""
         s = self.settings
         rate, burst = self.rate_of(tenant)
         reserve = s.lane_reserve.get(lane, 0.0) * s.capacity_burst
         # Keys live long enough to refill completely, then vanish (a full bucket).
         ttl_ms = int(1000 * max(burst / rate, s.capacity_burst / s.capacity_per_s)) + 60_000
         code, wait = await self._admit(
-            keys=[ROUTE_BUCKET + tenant, ROUTE_LANES + s.capacity_pool],
+            keys=[
+                ROUTE_BUCKET + tenant,
+                ROUTE_LANES + s.capacity_pool,
+                f"{ROUTE_ADMITTED}{tenant}:{request_id}",
+            ],
             args=[
                 at_ms if at_ms is not None else now_ms(),
                 rate,
@@ -144,6 +164,7 @@ class Limits:
                 s.capacity_burst,
                 reserve,
                 ttl_ms,
+                ADMITTED_TTL_MS,
             ],
         )
         if int(code) == 1:

@@ -33,29 +33,33 @@ def tenant() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
 async def test_token_bucket_refills_at_its_rate(redis: aioredis.Redis) -> None:
     limits = Limits(redis, fresh(rate_per_s=2.0, burst=3.0))
     t = tenant()
     for _ in range(3):
-        assert await limits.admit(t, "pro", at_ms=T0) is None
-    refused = await limits.admit(t, "pro", at_ms=T0)
+        assert await limits.admit(t, "pro", rid(), at_ms=T0) is None
+    refused = await limits.admit(t, "pro", rid(), at_ms=T0)
     assert refused is not None and refused.status == "over_budget" and refused.kind == "rate_limit"
     assert refused.retry_after_ms == 500  # one token at 2/s
-    assert await limits.admit(t, "pro", at_ms=T0 + 499) is not None
-    assert await limits.admit(t, "pro", at_ms=T0 + 500) is None
+    assert await limits.admit(t, "pro", rid(), at_ms=T0 + 499) is not None
+    assert await limits.admit(t, "pro", rid(), at_ms=T0 + 500) is None
     # A long pause refills to the burst, not beyond.
     for _ in range(3):
-        assert await limits.admit(t, "pro", at_ms=T0 + 60_000) is None
-    assert await limits.admit(t, "pro", at_ms=T0 + 60_000) is not None
+        assert await limits.admit(t, "pro", rid(), at_ms=T0 + 60_000) is None
+    assert await limits.admit(t, "pro", rid(), at_ms=T0 + 60_000) is not None
 
 
 async def test_per_tenant_override_and_isolation(redis: aioredis.Redis) -> None:
     a, b = tenant(), tenant()
     limits = Limits(redis, fresh(rate_per_s=1.0, burst=5.0, tenant_rates={a: (1.0, 1.0)}))
-    assert await limits.admit(a, "pro", at_ms=T0) is None
-    assert await limits.admit(a, "pro", at_ms=T0) is not None  # a's burst is 1
+    assert await limits.admit(a, "pro", rid(), at_ms=T0) is None
+    assert await limits.admit(a, "pro", rid(), at_ms=T0) is not None  # a's burst is 1
     for _ in range(5):  # b is not affected by a
-        assert await limits.admit(b, "pro", at_ms=T0) is None
+        assert await limits.admit(b, "pro", rid(), at_ms=T0) is None
 
 
 async def test_lowest_lane_is_shed_first(redis: aioredis.Redis) -> None:
@@ -63,24 +67,37 @@ async def test_lowest_lane_is_shed_first(redis: aioredis.Redis) -> None:
     limits = Limits(redis, fresh(capacity_per_s=1.0, capacity_burst=10.0, burst=100.0))
     admitted = {"free": 0, "pro": 0, "enterprise": 0}
     for lane in ("free", "pro", "enterprise"):
-        while await limits.admit(tenant(), lane, at_ms=T0) is None:  # type: ignore[arg-type]
+        while await limits.admit(tenant(), lane, rid(), at_ms=T0) is None:  # type: ignore[arg-type]
             admitted[lane] += 1
     assert admitted == {"free": 5, "pro": 3, "enterprise": 2}
-    shed = await limits.admit(tenant(), "free", at_ms=T0)
+    shed = await limits.admit(tenant(), "free", rid(), at_ms=T0)
     assert shed is not None and shed.status == "overloaded" and shed.kind == "shed"
     assert shed.retry_after_ms == 6000  # back above free's reserve of 5 at 1 token/s
     # Under the same load enterprise gets the next token first.
-    assert await limits.admit(tenant(), "enterprise", at_ms=T0 + 1000) is None
-    assert await limits.admit(tenant(), "pro", at_ms=T0 + 1000) is not None
+    assert await limits.admit(tenant(), "enterprise", rid(), at_ms=T0 + 1000) is None
+    assert await limits.admit(tenant(), "pro", rid(), at_ms=T0 + 1000) is not None
 
 
 async def test_a_refusal_costs_nothing(redis: aioredis.Redis) -> None:
     limits = Limits(redis, fresh(capacity_per_s=1.0, capacity_burst=2.0, burst=1.0))
     t = tenant()
-    assert await limits.admit(t, "enterprise", at_ms=T0) is None
+    assert await limits.admit(t, "enterprise", rid(), at_ms=T0) is None
     # t is over its own rate: refused, and the pool keeps its token for someone else.
-    assert await limits.admit(t, "enterprise", at_ms=T0) is not None
-    assert await limits.admit(tenant(), "enterprise", at_ms=T0) is None
+    assert await limits.admit(t, "enterprise", rid(), at_ms=T0) is not None
+    assert await limits.admit(tenant(), "enterprise", rid(), at_ms=T0) is None
+
+
+async def test_a_request_is_charged_once(redis: aioredis.Redis) -> None:
+    # A redelivered or retried request must not pay again (nor be refused by its own token).
+    limits = Limits(redis, fresh(rate_per_s=0.001, burst=1.0, budget_usd=0.01))
+    t = tenant()
+    for _ in range(3):
+        assert await limits.admit(t, "pro", "same", at_ms=T0) is None
+    assert await limits.admit(t, "pro", "another", at_ms=T0) is not None
+    for _ in range(3):
+        refusal, remaining = await limits.reserve(t, "same", 0.004, at_ms=T0)
+        assert refusal is None and remaining == pytest.approx(0.006)
+    assert await limits.spent(t, at_ms=T0) == pytest.approx(0.004)
 
 
 async def test_budget_reserve_settle_and_period(redis: aioredis.Redis) -> None:

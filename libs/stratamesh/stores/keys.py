@@ -7,6 +7,7 @@ from typing import Final
 __all__ = [
     "IDEMPOTENCY",
     "PSEUDONYMS",
+    "ROUTE_ADMITTED",
     "ROUTE_BUCKET",
     "ROUTE_BUDGET",
     "ROUTE_CACHE",
@@ -28,6 +29,8 @@ PSEUDONYMS: Final = "strata:pii:"
 # route (services/route): limits, response caches and their invalidation index.
 # strata:route:bucket:<tenant> → hash {tokens, ts}: the tenant's token bucket.
 ROUTE_BUCKET: Final = "strata:route:bucket:"
+# strata:route:admitted:<tenant>:<request id> → "1" for 15 min: admitted once, never charged twice.
+ROUTE_ADMITTED: Final = "strata:route:admitted:"
 # strata:route:lanes:<pool> → hash {tokens, ts}: the shared capacity the priority lanes draw on.
 ROUTE_LANES: Final = "strata:route:lanes:"
 # strata:route:budget:<tenant>:<period index> → USD spent + reserved in that period.
