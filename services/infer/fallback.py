@@ -112,13 +112,13 @@ class FallbackChain:
                     completion = await member.backend.stream(request).collect()
                 except RateLimited as exc:
                     member.breaker.ignore(permit)
-                    budget.errors.append(f"{member.backend.name}: rate limited: {exc}")
+                    budget.errors.append(_described(member, "rate limited", exc))
                 except BackendUnavailable as exc:
                     member.breaker.failure(permit)
-                    budget.errors.append(f"{member.backend.name}: {exc}")
+                    budget.errors.append(_described(member, "unavailable", exc))
                 except (Poison, HandlingError) as exc:
                     member.breaker.ignore(permit)
-                    budget.errors.append(f"{member.backend.name}: {type(exc).__name__}: {exc}")
+                    budget.errors.append(_described(member, type(exc).__name__, exc))
                 except BaseException:
                     member.breaker.ignore(permit)  # cancelled: says nothing about the backend
                     raise
@@ -133,3 +133,8 @@ class FallbackChain:
             if not tried:
                 break  # every breaker is open: going round again would only spin
         raise ChainFailed("; ".join(budget.errors[-6:]) or "no attempts left")
+
+
+def _described(member: GuardedBackend, what: str, exc: BaseException) -> str:
+    message = str(exc).removeprefix(f"{member.backend.name}: ")
+    return f"{member.backend.name}: {what}: {message}"
