@@ -229,7 +229,14 @@ class RouteService(Service):
                     self._refuse(event, ctx, refusal, lane, started)
                     continue
                 if use_cache:
-                    await cache.remember(ctx.tenant, event.request_id, digest, scope, vectors[i])
+                    await cache.remember(
+                        ctx.tenant,
+                        event.request_id,
+                        digest,
+                        scope,
+                        vectors[i],
+                        deadline_ms=ctx.envelope.deadline_ms,
+                    )
             if remaining is not None:
                 budget = decision.budget.model_copy(update={"remaining_usd": remaining})
                 decision = replace(decision, budget=budget)

@@ -215,7 +215,7 @@ class ResponseCache:
         ttl_s: int,
         threshold: float,
         max_entries: int,
-        pending_ttl_s: int = 900,
+        pending_ttl_s: int = 300,
     ) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
@@ -299,16 +299,22 @@ class ResponseCache:
         digest: str,
         scope: str | None,
         vector: Vectors | None,
+        *,
+        deadline_ms: int | None = None,
     ) -> None:
-        """Note what to cache when this request's result comes back on ``results``."""
+        """Note what to cache when this request's result comes back on ``results``; kept
+        until shortly after the request's deadline (else ``pending_ttl_s``): a result that
+        late is an ``expired`` one, never cached."""
+        ttl_ms = self.pending_ttl_s * 1000
+        if deadline_ms is not None:
+            left = deadline_ms - time.time_ns() // 1_000_000
+            ttl_ms = max(1_000, min(ttl_ms, left + 30_000))
         payload = {
             "digest": digest,
             "scope": scope,
             "vector": _vector_bytes(vector).hex() if vector is not None and scope else None,
         }
-        await self.redis.set(
-            self._pending_key(tenant, request_id), json.dumps(payload), ex=self.pending_ttl_s
-        )
+        await self.redis.set(self._pending_key(tenant, request_id), json.dumps(payload), px=ttl_ms)
 
     async def take_pending(self, tenant: str, request_id: str) -> Pending | None:
         raw = await self.redis.getdel(self._pending_key(tenant, request_id))

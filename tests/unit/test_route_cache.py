@@ -4,6 +4,7 @@ keying, exact and semantic hits, tenant scope, fill from results, invalidation."
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from stratamesh.services.route.cache import (
     normalise,
     semantic_scope,
 )
+from stratamesh.stores.keys import ROUTE_PENDING
 from stratamesh.stores.redis import open_redis
 
 DIM = 8
@@ -182,3 +184,16 @@ async def test_semantic_entries_are_bounded(redis: aioredis.Redis) -> None:
     scope = semantic_scope(Query(prompt="x"))
     assert scope is not None
     assert await redis.hlen(cache.semantic_key(t, scope)) == 3
+
+
+async def test_pending_note_lives_until_shortly_after_the_deadline(
+    cache: ResponseCache, redis: aioredis.Redis
+) -> None:
+    t = tenant()
+    q = Query(prompt="q")
+    soon = time.time_ns() // 1_000_000 + 2_000
+    await cache.remember(t, "r1", exact_digest("q", q), semantic_scope(q), vec(1), deadline_ms=soon)
+    await cache.remember(t, "r2", exact_digest("q", q), semantic_scope(q), vec(1))
+    short = await redis.pttl(f"{ROUTE_PENDING}{t}:r1")
+    default = await redis.pttl(f"{ROUTE_PENDING}{t}:r2")
+    assert 25_000 < short <= 32_000 and 295_000 < default <= 300_000
