@@ -254,7 +254,7 @@ class RouteService(Service):
             **event.versions,
             "route_policy": policy.version if policy else "none",
             "intent_model": self.classifier.version,
-            "prompt_template": template,
+            "template": template,
         }
 
     def _refuse(
@@ -376,7 +376,10 @@ class RouteService(Service):
         await limits.settle(tenant, event.request_id, event.cost.cost_usd)
         if not self.settings.route.cache_enabled:
             return
-        if event.status != CompletionStatus.OK or event.cached or event.answer is None:
+        # Only full-quality answers are worth repeating: a degraded (reduced model,
+        # extractive) answer is served once, not cached for the TTL.
+        degraded = event.degradation not in (None, "full")
+        if event.status != CompletionStatus.OK or event.cached or event.answer is None or degraded:
             if await cache.take_pending(tenant, event.request_id) is not None:
                 CACHE_FILLS.labels("skipped").inc()
             return

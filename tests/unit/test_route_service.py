@@ -133,7 +133,7 @@ async def test_request_is_classified_and_gets_its_slip(svc: RouteService, tmp_pa
     assert first.tenant == t and first.request_id == "r1" and first.cache_hit is None
     assert first.route.tier.value == "small" and first.route.retrieval.enabled
     assert first.route.template_version == "qa@1"
-    assert first.versions["prompt_template"] == "qa@1"
+    assert first.versions["template"] == "qa@1"
     assert first.versions["route_policy"] == "default@1"
     assert first.versions["intent_model"] == "keywords@test"
     assert first.route.classification["risk"] == pytest.approx(0.1)
@@ -200,17 +200,20 @@ async def test_failed_cached_and_replayed_results_are_not_cached(
 ) -> None:
     m = MemoryMesh(svc, settings=settings_for(tmp_path))
     t = tenant()
-    for rid in ("r1", "r2", "r3"):
+    for rid in ("r1", "r2", "r3", "r4", "r5"):
         await m.publish(admitted(t, f"question {rid}", rid), as_="guard", next_stage="route")
     await m.run_until_idle()
     await m.publish(completed(t, "r1", "x", status=CompletionStatus.BLOCKED), as_="guard")
     await m.publish(completed(t, "r2", "x", cached=True), as_="guard")
     await m.publish(completed(t, "r3", "x"), as_="guard", replay=b"1")
+    await m.publish(completed(t, "r4", "x", degradation="extractive"), as_="guard")
+    await m.publish(completed(t, "r5", "x", degradation="full"), as_="guard")
     await m.run_until_idle()
-    for rid in ("r1", "r2", "r3"):
+    for rid in ("r1", "r2", "r3", "r4", "r5"):
         await m.publish(admitted(t, f"question {rid}", rid + "b"), as_="guard", next_stage="route")
     await m.run_until_idle()
-    assert all(e.cache_hit is None for e in routed(m))
+    hits = {e.request_id for e in routed(m) if e.cache_hit is not None}
+    assert hits == {"r5b"}  # only the full-quality ok answer was cached
 
 
 async def test_rate_limited_tenant_gets_an_explicit_result(
