@@ -160,9 +160,15 @@ def ensure_safetensors(models_dir: Path, gguf: Path | None = None) -> Path:
         (staging / _MARKER).write_text(
             json.dumps({"gguf": source.name, "revision": revision, "model": SMOLLM2_MODEL_ID})
         )
-        if target.exists():  # a stale, unmarked folder from an interrupted older layout
+        if (target / _MARKER).is_file():
+            return target  # another process converted it meanwhile
+        if target.exists():  # a stale, unmarked folder left by something else
             shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # not a concurrent converter winning the race
+                raise
     log.info(
         "local LM converted to safetensors",
         path=str(target),
