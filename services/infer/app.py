@@ -62,6 +62,7 @@ from .tiers import Degradation, Plan, Tier
 
 __all__ = [
     "EXPIRED",
+    "MODEL_LATENCY_KEY",
     "STAGE_LATENCY_KEY",
     "InferEngine",
     "build_service",
@@ -75,6 +76,7 @@ log = structlog.get_logger("stratamesh.infer")
 
 SERVICE: Final = "infer"
 STAGE_LATENCY_KEY: Final = "infer"
+MODEL_LATENCY_KEY: Final = "infer.model"
 EXPIRED: Final = "expired"  # CandidateAnswer.degradation when the deadline passed first
 # Below this call timeout, a timeout says more about the request's deadline than about the
 # backend: it does not count against the backend's breaker or the degradation tiers.
@@ -276,6 +278,10 @@ class InferEngine:
         sampling = self.sampling(event, outcome.tier if outcome else Tier.FULL)
         latency = dict(event.stage_latency_ms)
         latency[STAGE_LATENCY_KEY] = (time.perf_counter() - started) * 1000.0
+        if outcome is not None and outcome.completion is not None:
+            # The model call's share of `infer` (not an extra stage: do not add it up), so the
+            # mesh overhead can be told apart from model time.
+            latency[MODEL_LATENCY_KEY] = outcome.completion.latency_ms
         slip = event.slip.advanced()
         versions = dict(event.versions)
         versions["template"] = template.version

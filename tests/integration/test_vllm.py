@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stratamesh.config import Settings
 from stratamesh.embedded.vllm import LocalVLLM, vllm_available
 from stratamesh.models.llm.base import (
     BackendUnavailable,
@@ -21,8 +22,10 @@ from stratamesh.models.llm.base import (
     CompletionRequest,
     Sampling,
 )
+from stratamesh.models.llm.local import ensure_safetensors
 from stratamesh.models.llm.openai_http import OpenAIChatBackend
 from stratamesh.resilience import BreakerState, CircuitOpen
+from stratamesh.services.infer.app import InferEngine
 from stratamesh.services.infer.fallback import (
     Attempts,
     ChainFailed,
@@ -47,8 +50,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalVLLM]:
     models = os.environ.get("STRATA_TEST_MODELS_DIR")
     home = tmp_path_factory.mktemp("vllm-home")
     models_dir = Path(models) if models else Path.home() / ".cache" / "stratamesh" / "models"
-    from stratamesh.models.llm.local import ensure_safetensors
-
     vllm = LocalVLLM(home=home, model_dir=ensure_safetensors(models_dir), served_model=SERVED)
     vllm.start()
     try:
@@ -61,6 +62,15 @@ def backend(server: LocalVLLM, **kw: object) -> OpenAIChatBackend:
     return OpenAIChatBackend(
         server.base_url, SERVED, name="vllm", revision=server.revision, timeout_s=60, **kw
     )  # type: ignore[arg-type]
+
+
+def test_infer_settings_point_at_the_server(server: LocalVLLM) -> None:
+    settings = server.infer_settings(Settings(redis_url=None))
+    engine = InferEngine()
+    engine.bind(settings)
+    assert engine.chain_names("any-model") == ["openai", "local"]
+    remote = engine.backends["openai"]
+    assert (remote.model, remote.revision) == (SERVED, server.revision)
 
 
 async def test_completion(server: LocalVLLM) -> None:

@@ -116,6 +116,7 @@ async def test_a_retrieved_request_gets_a_signed_grounded_candidate() -> None:
     tokens_in = answer.cost.input_tokens
     assert answer.cost.cost_usd == (tokens_in * 1.0 + 5 * 2.0) / 1_000_000
     assert answer.ttft_ms is not None and answer.stage_latency_ms["infer"] > 0
+    assert 0 < answer.stage_latency_ms["infer.model"] <= answer.stage_latency_ms["infer"]
     assert answer.versions["template"] == "qa@1" and answer.versions["model"] == "fake-model@rev1"
     assert answer.slip.next_stage == "guard_out" and answer.tenant == "acme"
     h.mesh.keyring.verify("infer", answer.signing_payload(), answer.signature)

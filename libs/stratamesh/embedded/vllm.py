@@ -23,8 +23,8 @@ API for ``strata up --vllm`` and the tests::
     server.base_url, server.served_model, server.pid, server.log_path
     server.stop()
 
-``settings.infer`` then points at it with ``backend="openai"``, ``endpoint=base_url``,
-``served_model=server.served_model``.
+``server.infer_settings(settings)`` is ``settings`` with infer pointed at it
+(``backend="openai"``, ``endpoint=base_url``, ``served_model``, ``revision``).
 """
 
 from __future__ import annotations
@@ -112,6 +112,19 @@ class LocalVLLM:
         from stratamesh.models.llm.local import packaged_gguf
 
         return gguf_revision(packaged_gguf())
+
+    def infer_settings(self, settings: Settings) -> Settings:
+        """``settings`` with infer answering from this server first (the local model after
+        it in the fallback chain)."""
+        infer = settings.infer.model_copy(
+            update={
+                "backend": "openai",
+                "endpoint": self.base_url,
+                "served_model": self.served_model,
+                "revision": self.revision,
+            }
+        )
+        return settings.model_copy(update={"infer": infer})
 
     def model_dir(self) -> Path:
         """The safetensors folder served (converted from the GGUF on first use)."""
