@@ -17,6 +17,7 @@ from stratamesh.bus import headers as H
 from stratamesh.bus import topics as T
 from stratamesh.bus.codec import Codec
 from stratamesh.config import Settings
+from stratamesh.errors import SignatureError
 from stratamesh.events import (
     CandidateAnswer,
     Citation,
@@ -28,7 +29,7 @@ from stratamesh.events.testing import sample_event
 from stratamesh.models.llm.local import SMOLLM2_MODEL_ID, gguf_revision, packaged_gguf
 from stratamesh.resilience import BreakerState
 from stratamesh.security.keys import Keyring
-from stratamesh.services.infer.app import InferEngine, build_service
+from stratamesh.services.infer.app import EXPIRED, InferEngine, build_service, replica
 from tests.integration.conftest import Env
 from tests.integration.test_bus import read_all
 
@@ -127,11 +128,14 @@ async def test_the_local_model_answers_a_retrieved_request_through_the_broker(
 
 
 class FailingChatServer:
-    """An OpenAI-compatible /v1/chat/completions endpoint on 127.0.0.1 that answers 500."""
+    """An OpenAI-compatible /v1/chat/completions endpoint on 127.0.0.1 that answers 500, or
+    (``hang = True``) never answers."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.hang = False
         self._server: asyncio.Server | None = None
+        self._release = asyncio.Event()
 
     async def __aenter__(self) -> FailingChatServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -139,6 +143,7 @@ class FailingChatServer:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        self._release.set()
         self._server.close()
         await self._server.wait_closed()
 
@@ -162,6 +167,9 @@ class FailingChatServer:
                 )
                 body = await reader.readexactly(int(fields.get("content-length", "0")))
                 self.requests.append(json.loads(body))
+                if self.hang:
+                    await self._release.wait()
+                    return
                 data = b'{"error": "engine crashed"}'
                 writer.write(
                     b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
@@ -211,3 +219,70 @@ async def test_a_failing_endpoint_trips_its_breaker_and_the_local_model_serves(
     assert {a.model for a in answers} == {SMOLLM2_MODEL_ID}
     assert {a.degradation for a in answers} == {"full"}
     assert all(a.answer.strip() for a in answers)
+
+
+async def test_a_hanging_endpoint_past_the_deadline_ends_as_expired_not_a_hang(
+    env: Env, models_dir: Path, failing_server: FailingChatServer
+) -> None:
+    failing_server.hang = True
+    settings = infer_settings(
+        env.settings, models_dir, backend="openai", endpoint=failing_server.url, chain=["openai"]
+    )
+    index = await env.publisher("index")
+    svc = await env.start(build_service(InferEngine()), settings)
+    assert svc.runtime is not None
+    # The deadline must not pass while the group is still joining (the middleware would end
+    # the request before infer saw it): wait for the partitions first.
+    await asyncio.wait_for(svc.runtime.assigned.wait(), 30)
+    published = time.monotonic()
+    deadline = int(time.time() * 1000) + 3000
+    await index.publish(
+        request("late"), topic_name=T.REQUESTS_RETRIEVED, next_stage="infer", deadline_ms=deadline
+    )
+    [record] = await read_all(settings, T.INFERENCE_COMPLETED, 1, timeout=30)
+    waited = time.monotonic() - published
+    [answer] = candidates(settings, [record])
+    assert answer.degradation == EXPIRED and answer.answer == "" and answer.citations == []
+    assert H.header_dict(record.headers)[H.NEXT] == b"guard_out"  # guard_out says `expired`
+    assert len(failing_server.requests) == 1  # the call got the time left, then nothing more
+    assert 2.5 < waited < 10
+
+
+async def test_each_replica_is_its_own_group_and_signs_with_its_own_key(
+    env: Env, models_dir: Path
+) -> None:
+    settings = infer_settings(env.settings, models_dir, max_tokens=8)
+    index = await env.publisher("index")
+    engine = InferEngine()
+    first = build_service(engine)
+    second = replica(2, first)
+    assert (second.identity, second.group) == ("infer.r2", "infer.r2")
+    await env.start(first, settings)
+    await env.start(second, settings)
+    event = request("rep-1")
+    event = event.model_copy(
+        update={
+            "slip": RoutingSlip(
+                stages=[
+                    SlipStage(stage="retrieve", params={}),
+                    SlipStage(stage="infer", params={"replicas": "2"}),
+                    SlipStage(stage="consensus", params={}),
+                    SlipStage(stage="guard_out", params={}),
+                ],
+                current=1,
+            )
+        }
+    )
+    await index.publish(event, topic_name=T.REQUESTS_RETRIEVED, next_stage="infer")
+    records = await read_all(settings, T.INFERENCE_COMPLETED, 2, timeout=120)
+    answers = candidates(settings, records)
+    assert sorted(a.replica_id for a in answers) == ["infer", "infer.r2"]
+    assert {H.header_dict(r.headers)[H.NEXT] for r in records} == {b"consensus"}
+    keyring = Keyring.load(settings.keys_dir)
+    for a in answers:
+        keyring.verify(a.replica_id, a.signing_payload(), a.signature)
+    a, b = answers
+    with pytest.raises(SignatureError):
+        keyring.verify(b.replica_id, a.signing_payload(), a.signature)  # not the other's key
+    # greedy decoding: replicas of one model agree, which is what consensus votes on
+    assert a.answer == b.answer
