@@ -234,6 +234,10 @@ class InferSettings(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     max_context_chars: int = Field(4000, ge=200, description="chunk text put into a prompt")
+    # An answer that cites nothing gets post-hoc citations: [n] after each sentence sharing
+    # at least this share of its content words with chunk n (versions["citations"] says so).
+    attribute_citations: bool = True
+    attribution_min_overlap: float = Field(0.5, gt=0, le=1)
     # USD per million tokens (input, output) by model id; unlisted models cost `default_price`.
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
     default_price: tuple[float, float] = (0.0, 0.0)

@@ -57,7 +57,14 @@ from stratamesh.resilience.breaker import breaker_metrics
 from stratamesh.security.keys import SigningKey, load_signing_key
 
 from .fallback import Attempts, ChainFailed, FallbackChain, GuardedBackend
-from .prompting import Prompt, build_prompt, citations_of, extractive_answer
+from .prompting import (
+    POST_HOC,
+    Prompt,
+    attribute,
+    build_prompt,
+    citations_of,
+    extractive_answer,
+)
 from .tiers import Degradation, Plan, Tier
 
 __all__ = [
@@ -296,6 +303,8 @@ class InferEngine:
             revision = completion.revision if completion else "none"
         if completion is not None:
             versions["model"] = f"{completion.model}@{completion.revision}"
+        if outcome is not None and outcome.post_hoc:
+            versions["citations"] = POST_HOC
         usage_in = completion.usage.prompt_tokens if completion else 0
         usage_out = completion.usage.completion_tokens if completion else 0
         cost_usd = self.price(model, usage_in, usage_out)
@@ -364,7 +373,7 @@ class InferEngine:
                 if tier is Tier.EXTRACTIVE:
                     answer, cited = extractive_answer(event.query.prompt, prompt.chunks)
                     self.degradation.record(plan, tier, True)
-                    return _Outcome(tier, None, answer, None, cited)
+                    return _Outcome(tier, None, answer, None, cited, False)
                 if tier is Tier.FULL:
                     names = self.chain_names(event.route.model)
                     adapter = event.route.adapter
@@ -396,22 +405,34 @@ class InferEngine:
                     log.warning("tier failed", tier=tier.label, error=str(exc)[:300])
                     continue
                 self.degradation.record(plan, tier, True)
-                cited, unknown = citations_of(completion.text, prompt.chunks)
+                text = completion.text
+                cited, unknown = citations_of(text, prompt.chunks)
                 if unknown:
                     log.info("answer cites unknown passages", numbers=unknown[:10])
+                post_hoc = False
+                if (
+                    not cited
+                    and prompt.chunks
+                    and cfg.attribute_citations
+                    and not prompt.json_schema
+                ):
+                    text, cited = attribute(
+                        text, prompt.chunks, min_overlap=cfg.attribution_min_overlap
+                    )
+                    post_hoc = bool(cited)
                 structured = (
                     json.dumps(completion.structured, sort_keys=True)
                     if prompt.json_schema is not None and completion.structured is not None
                     else None
                 )
-                return _Outcome(tier, completion, completion.text, structured, cited)
+                return _Outcome(tier, completion, text, structured, cited, post_hoc)
             return None
         finally:
             self.degradation.release(plan)
 
 
 class _Outcome:
-    __slots__ = ("answer", "cited", "completion", "structured", "tier")
+    __slots__ = ("answer", "cited", "completion", "post_hoc", "structured", "tier")
 
     def __init__(
         self,
@@ -420,12 +441,14 @@ class _Outcome:
         answer: str,
         structured: str | None,
         cited: list[Citation],
+        post_hoc: bool,
     ) -> None:
         self.tier = tier
         self.completion = completion
         self.answer = answer
         self.structured = structured
         self.cited = cited
+        self.post_hoc = post_hoc
 
 
 def build_service(engine: InferEngine) -> Service:

@@ -29,7 +29,9 @@ from stratamesh.models.llm.base import ChatMessage
 from stratamesh.prompts import PromptTemplate
 
 __all__ = [
+    "POST_HOC",
     "Prompt",
+    "attribute",
     "build_prompt",
     "citations_of",
     "cited_numbers",
@@ -43,6 +45,12 @@ _WORD = re.compile(r"\w+")
 _MIN_CHUNK_CHARS: Final = 200
 _EXTRACT_SENTENCES: Final = 2
 _MAX_SENTENCE_CHARS: Final = 400
+POST_HOC: Final = "post-hoc@1"  # versions["citations"] when :func:`attribute` added them
+_STOPWORD_TEXT: Final = (
+    "a an and are as at be by for from has have in is it its of on "
+    "or that the this to was were which with what when where who how why does did not"
+)
+_STOPWORDS: Final = frozenset(_STOPWORD_TEXT.split())
 NO_SOURCES: Final = (
     "No answer can be given right now: the language model is unavailable and no sources "
     "were retrieved for this question."
@@ -148,3 +156,40 @@ def extractive_answer(question: str, chunks: Sequence[Citation]) -> tuple[str, l
         if n not in used:
             used.append(n)
     return " ".join(parts), [chunks[n - 1] for n in used]
+
+
+def _content_words(text: str) -> set[str]:
+    return {
+        w for w in (x.lower() for x in _WORD.findall(text)) if w not in _STOPWORDS and len(w) > 2
+    }
+
+
+def attribute(
+    answer: str, chunks: Sequence[Citation], *, min_overlap: float = 0.5
+) -> tuple[str, list[Citation]]:
+    """Post-hoc citations for an answer that cites nothing: each sentence gets ``[n]`` of the
+    chunk sharing the largest share (≥ ``min_overlap``) of its content words.
+
+    Small models often ignore the instruction to cite; a sentence that restates a passage
+    is still attributable to it.  A sentence supported by no passage stays uncited (guard
+    and judge see it as such); the caller records that citations were added afterwards.
+    """
+    sources = [_content_words(c.text) for c in chunks]
+    cited: list[int] = []
+    parts: list[str] = []
+    for sentence in _SENTENCE.split(answer.strip()):
+        words = _content_words(sentence)
+        best, share = 0, 0.0
+        for n, source in enumerate(sources, start=1):
+            overlap = len(words & source) / len(words) if words else 0.0
+            if overlap > share:
+                best, share = n, overlap
+        if best and share >= min_overlap:
+            body = sentence.rstrip()
+            end = body[-1] if body and body[-1] in ".!?" else ""
+            parts.append(f"{body[: len(body) - len(end)]} [{best}]{end}")
+            if best not in cited:
+                cited.append(best)
+        else:
+            parts.append(sentence)
+    return " ".join(parts), [chunks[n - 1] for n in cited]

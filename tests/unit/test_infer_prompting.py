@@ -11,6 +11,7 @@ from stratamesh.events import Citation, Message, Query, Role
 from stratamesh.prompts import registry
 from stratamesh.services.infer.prompting import (
     NO_SOURCES,
+    attribute,
     build_prompt,
     citations_of,
     cited_numbers,
@@ -133,3 +134,20 @@ def test_extractive_answer_picks_matching_sentences_and_cites_them() -> None:
 
 def test_extractive_answer_without_chunks_says_so() -> None:
     assert extractive_answer("anything", []) == (NO_SOURCES, [])
+
+
+def test_post_hoc_attribution_cites_the_passage_a_sentence_restates() -> None:
+    chunks = [
+        chunk(0, "The Eiffel Tower is a wrought-iron tower in Paris, completed in 1889."),
+        chunk(1, "The Louvre is an art museum in Paris."),
+    ]
+    answer = "The Eiffel Tower was completed in 1889. I like trains. The Louvre is a museum!"
+    annotated, cited = attribute(answer, chunks)
+    assert annotated == (
+        "The Eiffel Tower was completed in 1889 [1]. I like trains. The Louvre is a museum [2]!"
+    )
+    assert cited == chunks
+    assert attribute("Nothing relevant here at all.", chunks) == (
+        "Nothing relevant here at all.",
+        [],
+    )

@@ -218,3 +218,14 @@ async def test_unknown_template_falls_back_to_the_tasks_template_and_records_it(
     )
     [answer] = await h.send(event)
     assert answer.template_version == "qa@1"
+
+
+async def test_an_answer_without_citations_gets_post_hoc_ones_and_says_so() -> None:
+    local = FakeBackend("local", "Paris is the capital of France.")
+    h = Harness(local)
+    [answer] = await h.send(retrieved("ph"))
+    assert answer.answer == "Paris is the capital of France [1]."
+    assert answer.citations == [CHUNKS[0]] and answer.versions["citations"] == "post-hoc@1"
+    h2 = Harness(FakeBackend("local", "Paris is the capital of France."), attribute_citations=False)
+    [plain] = await h2.send(retrieved("ph2"))
+    assert plain.citations == [] and "citations" not in plain.versions
