@@ -29,6 +29,7 @@ import json
 import re
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -237,10 +238,18 @@ class ResponseCache:
     # -- lookups ------------------------------------------------------------------------
 
     async def get_exact(self, tenant: str, digest: str) -> CacheHit | None:
-        raw = await self.redis.get(self.entry_key(tenant, digest))
-        if raw is None:
-            return None
-        return CacheHit("exact", 1.0, CachedAnswer.from_json(raw))
+        [hit] = await self.get_exact_many([(tenant, digest)])
+        return hit
+
+    async def get_exact_many(self, keys: Sequence[tuple[str, str]]) -> list[CacheHit | None]:
+        """Exact hits of ``(tenant, digest)`` pairs, in one round trip."""
+        if not keys:
+            return []
+        raws = await self.redis.mget([self.entry_key(t, d) for t, d in keys])
+        return [
+            CacheHit("exact", 1.0, CachedAnswer.from_json(raw)) if raw is not None else None
+            for raw in raws
+        ]
 
     async def _mirror(self, tenant: str, scope: str) -> _Mirror:
         key = self.semantic_key(tenant, scope)
@@ -305,16 +314,29 @@ class ResponseCache:
         """Note what to cache when this request's result comes back on ``results``; kept
         until shortly after the request's deadline (else ``pending_ttl_s``): a result that
         late is an ``expired`` one, never cached."""
-        ttl_ms = self.pending_ttl_s * 1000
-        if deadline_ms is not None:
-            left = deadline_ms - time.time_ns() // 1_000_000
-            ttl_ms = max(1_000, min(ttl_ms, left + 30_000))
-        payload = {
-            "digest": digest,
-            "scope": scope,
-            "vector": _vector_bytes(vector).hex() if vector is not None and scope else None,
-        }
-        await self.redis.set(self._pending_key(tenant, request_id), json.dumps(payload), px=ttl_ms)
+        await self.remember_many([(tenant, request_id, digest, scope, vector, deadline_ms)])
+
+    async def remember_many(
+        self,
+        notes: Sequence[tuple[str, str, str, str | None, Vectors | None, int | None]],
+    ) -> None:
+        """:meth:`remember` of ``(tenant, request id, digest, scope, vector, deadline)``
+        tuples in one round trip."""
+        if not notes:
+            return
+        now = time.time_ns() // 1_000_000
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant, request_id, digest, scope, vector, deadline_ms in notes:
+            ttl_ms = self.pending_ttl_s * 1000
+            if deadline_ms is not None:
+                ttl_ms = max(1_000, min(ttl_ms, deadline_ms - now + 30_000))
+            payload = {
+                "digest": digest,
+                "scope": scope,
+                "vector": _vector_bytes(vector).hex() if vector is not None and scope else None,
+            }
+            pipe.set(self._pending_key(tenant, request_id), json.dumps(payload), px=ttl_ms)
+        await pipe.execute()
 
     async def take_pending(self, tenant: str, request_id: str) -> Pending | None:
         raw = await self.redis.getdel(self._pending_key(tenant, request_id))

@@ -17,6 +17,7 @@ machines with skewed clocks disagree by the skew only, and tests control it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -145,29 +146,50 @@ class Limits:
     ) -> Refusal | None:
         """Take one token of the tenant's bucket and of the shared pool, or refuse.  Once
         admitted, the same request is admitted again without a token (redeliveries)."""
+        [out] = await self.admit_many([(tenant, lane, request_id)], at_ms=at_ms)
+        return out
+
+    async def admit_many(
+        self, requests: Sequence[tuple[str, Lane, str]], *, at_ms: int | None = None
+    ) -> list[Refusal | None]:
+        """:meth:`admit` for ``(tenant, lane, request id)`` in order, in one round trip
+        (each decision is still its own atomic script)."""
+        if not requests:
+            return []
         s = self.settings
-        rate, burst = self.rate_of(tenant)
-        reserve = s.lane_reserve.get(lane, 0.0) * s.capacity_burst
-        # Keys live long enough to refill completely, then vanish (a full bucket).
-        ttl_ms = int(1000 * max(burst / rate, s.capacity_burst / s.capacity_per_s)) + 60_000
-        code, wait = await self._admit(
-            keys=[
-                ROUTE_BUCKET + tenant,
-                ROUTE_LANES + s.capacity_pool,
-                f"{ROUTE_ADMITTED}{tenant}:{request_id}",
-            ],
-            args=[
-                at_ms if at_ms is not None else now_ms(),
-                rate,
-                burst,
-                s.capacity_per_s,
-                s.capacity_burst,
-                reserve,
-                ttl_ms,
-                ADMITTED_TTL_MS,
-            ],
-        )
+        at = at_ms if at_ms is not None else now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant, lane, request_id in requests:
+            rate, burst = self.rate_of(tenant)
+            # Keys live long enough to refill completely, then vanish (a full bucket).
+            ttl_ms = int(1000 * max(burst / rate, s.capacity_burst / s.capacity_per_s)) + 60_000
+            await self._admit(
+                keys=[
+                    ROUTE_BUCKET + tenant,
+                    ROUTE_LANES + s.capacity_pool,
+                    f"{ROUTE_ADMITTED}{tenant}:{request_id}",
+                ],
+                args=[
+                    at,
+                    rate,
+                    burst,
+                    s.capacity_per_s,
+                    s.capacity_burst,
+                    s.lane_reserve.get(lane, 0.0) * s.capacity_burst,
+                    ttl_ms,
+                    ADMITTED_TTL_MS,
+                ],
+                client=pipe,
+            )
+        replies = await pipe.execute()
+        return [
+            self._refusal(code, wait, tenant, lane)
+            for (code, wait), (tenant, lane, _) in zip(replies, requests, strict=True)
+        ]
+
+    def _refusal(self, code: Any, wait: Any, tenant: str, lane: Lane) -> Refusal | None:
         if int(code) == 1:
+            rate, burst = self.rate_of(tenant)
             return Refusal(
                 "over_budget",
                 f"rate limit: tenant allows {rate:g} requests/s (burst {burst:g})",
