@@ -487,6 +487,4 @@ service = build_service(engine)
 def replica(k: int, base: Service = service) -> Service:
     """Replica ``k`` (≥ 2) of ``base``: identity and consumer group ``infer.r<k>``, same
     handlers (and engine: one model load per process)."""
-    if k < 2:
-        raise ValueError("replica 1 is the service itself")
-    return base.variant(identity=f"{SERVICE}.r{k}", group=f"{SERVICE}.r{k}")
+    return base.replica(k)

@@ -9,6 +9,7 @@ no retrieval, so the slip is [infer, guard_out].
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,10 +30,11 @@ POLICY = Path(__file__).resolve().parents[2] / "services" / "route" / "policy.to
 
 
 def no_retrieval_policy(folder: Path) -> Path:
-    text = POLICY.read_text()
-    assert 'retrieval = "standard"' in text
+    """The packaged policy with every retrieval plan (defaults and rules) set to none."""
+    text, n = re.subn(r'^(retrieval = )"\w+"', r'\1"none"', POLICY.read_text(), flags=re.M)
+    assert n >= 2, "the packaged policy changed shape"
     path = folder / "policy.toml"
-    path.write_text(text.replace('retrieval = "standard"', 'retrieval = "none"', 1))
+    path.write_text(text)
     return path
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stratamesh.bus.service import Service
 from stratamesh.bus.testing import MemoryMesh
 from stratamesh.bus.topics import DOCS_SUBMITTED
@@ -44,3 +46,18 @@ def test_variant_keeps_the_hooks_of_its_original() -> None:
     MemoryMesh(other)
     assert calls == ["bind"]
     assert other._start_hooks == svc._start_hooks and other._stop_hooks == svc._stop_hooks
+
+
+def test_a_replica_is_its_own_identity_and_group_with_the_same_handlers() -> None:
+    svc = Service("infer")
+
+    @svc.subscribe(DOCS_SUBMITTED, stage="infer")
+    async def handle(event: DocumentSubmitted, ctx: object) -> None:
+        return None
+
+    r3 = svc.replica(3)
+    assert (r3.name, r3.identity, r3.group) == ("infer", "infer.r3", "infer.r3")
+    assert r3.subscriptions[DOCS_SUBMITTED].handler is handle
+    assert r3.subscriptions[DOCS_SUBMITTED].stage == "infer"
+    with pytest.raises(ValueError):
+        svc.replica(1)

@@ -135,6 +135,13 @@ class Service:
         other._stop_hooks = list(self._stop_hooks)
         return other
 
+    def replica(self, k: int) -> Service:
+        """Replica ``k`` (≥ 2): identity and consumer group ``<identity>.r<k>``, so every
+        replica sees every record and signs with its own key (replica 1 is ``self``)."""
+        if k < 2:
+            raise ValueError("replica 1 is the service itself")
+        return self.variant(identity=f"{self.identity}.r{k}", group=f"{self.identity}.r{k}")
+
     @property
     def topics(self) -> list[str]:
         return sorted(self.subscriptions)

@@ -82,6 +82,12 @@ class Mesh:
             await ensure_topics(settings)
             names = only if only is not None else discover_services()
             services = [load_service(n) for n in names]
+            services += [
+                svc.replica(k)
+                for svc in services
+                if svc.name == "infer"
+                for k in range(2, settings.infer.replicas + 1)
+            ]
             if dev_keys:
                 identities = [s.identity for s in services]
                 if "embed" in identities:
