@@ -148,3 +148,19 @@ async def test_a_handler_out_of_deadline_ends_the_request_with_an_expired_result
     assert result.request_id == request.request_id and result.producer == "infer"
     assert "outlived" in (result.reason or "")
     assert mesh.topics[T.dlq_of(T.REQUESTS_SUBMITTED)] == []
+
+
+async def test_an_expired_request_seen_by_several_replicas_gets_one_result() -> None:
+    svc = Service("infer")
+
+    @svc.subscribe(T.REQUESTS_SUBMITTED)
+    async def slow(event: InferenceRequested, ctx: Context) -> None:
+        raise DeadlineExceeded("the model call outlived the request's deadline")
+
+    mesh = MemoryMesh(svc, svc.replica(2), svc.replica(3))
+    client = mesh.client("web", tenant="acme")
+    await mesh.publish(sample_event(InferenceRequested), as_=client)
+    await mesh.run_until_idle()
+    assert len(mesh.outcomes) == 3  # every replica handled it ...
+    [result] = mesh.events(T.RESULTS)  # ... replica 1 answered it
+    assert isinstance(result, RequestCompleted) and result.producer == "infer"

@@ -38,6 +38,7 @@ from stratamesh.bus.topics import (
     TERMINAL_EVENT_TYPES,
     TopicSpec,
     dlq_of,
+    service_of,
     topic,
 )
 from stratamesh.errors import (
@@ -536,6 +537,11 @@ class Pipeline:
         event = item.event
         if not isinstance(event, RequestEvent) or isinstance(event, RequestCompleted):
             return self.dead_letter(item.record, exc, FailureClass.DEADLINE, attempt)
+        if service_of(self.service) != self.service:
+            # A replica (infer.r2 …) sees the same request as replica 1, which answers the
+            # expiry: one result per request, not one per replica.
+            self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()
+            return Handled(env.event_id or "", [])
         ctx = Context(self, item.record, env, attempt)
         # Before guard_in nothing is pseudonymised yet: echo no client text.
         raw: dict[str, Any] = {}
