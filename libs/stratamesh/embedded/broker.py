@@ -6,7 +6,6 @@ Memory storage only: everything is gone when it stops.  Used by `strata up` when
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -15,10 +14,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 import structlog
 
+from stratamesh.embedded.process import ManagedProcess
 from stratamesh.errors import BrokerError, ConfigError
 
 __all__ = ["EmbeddedBroker", "find_tansu", "free_port"]
@@ -55,7 +54,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(ManagedProcess):
     """A Tansu broker on a free loopback port.
 
     Use as ``async with EmbeddedBroker() as broker: broker.bootstrap``, or call
@@ -137,24 +136,6 @@ class EmbeddedBroker:
             proc.kill()
             proc.wait(self.stop_timeout_s)
         log.info("embedded broker stopped", bootstrap=self.bootstrap)
-
-    async def __aenter__(self) -> EmbeddedBroker:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await asyncio.to_thread(self.stop)
-
-    def __enter__(self) -> EmbeddedBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 # ApiVersions v0 request: size, api_key=18, api_version=0, correlation_id=1, client_id="strata".

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Final, TextIO
 
 import httpx
@@ -46,6 +45,7 @@ import structlog
 
 from stratamesh.config import Settings
 from stratamesh.embedded.broker import free_port
+from stratamesh.embedded.process import ManagedProcess
 from stratamesh.errors import ConfigError, StrataError
 from stratamesh.models.llm.local import SMOLLM2_MODEL_ID, ensure_safetensors, gguf_revision
 
@@ -65,7 +65,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-class LocalVLLM:
+class LocalVLLM(ManagedProcess):
     """A vLLM OpenAI server on a free loopback port (see the module docstring)."""
 
     def __init__(
@@ -258,24 +258,6 @@ class LocalVLLM:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    async def __aenter__(self) -> LocalVLLM:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await asyncio.to_thread(self.stop)
-
-    def __enter__(self) -> LocalVLLM:
-        self.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 # -- measurement -------------------------------------------------------------------------------
