@@ -183,3 +183,71 @@ async def test_no_time_left_fails_without_a_call() -> None:
     with pytest.raises(BackendUnavailable):
         await backend(handler).complete(req)
     assert calls == 0
+
+
+class ChunkedSSEServer:
+    """A real loopback server answering every request with a chunked SSE stream (as vLLM
+    does); ``hold`` keeps each body open after ``[DONE]``.  Counts connections."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.hold = hold
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                length = next(
+                    int(line.split(":", 1)[1])
+                    for line in head.split("\r\n")
+                    if line.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                body = sse([{"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}])
+                writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+                await writer.drain()
+                if self.hold:
+                    await asyncio.sleep(30)
+                writer.write(b"0\r\n\r\n")  # the closing chunk, after [DONE]
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_streamed_calls_reuse_one_connection() -> None:
+    server = ChunkedSSEServer()
+    async with server as url:
+        llm = OpenAIChatBackend(url, "served")
+        for _ in range(3):
+            assert (await llm.stream(REQUEST).collect()).text == "ok"
+        await llm.close()
+    assert server.connections == 1
+
+
+async def test_a_body_held_open_after_done_costs_its_connection_not_the_answer() -> None:
+    server = ChunkedSSEServer(hold=True)
+    async with server as url:
+        llm = OpenAIChatBackend(url, "served")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        done = await llm.stream(REQUEST).collect()
+        assert done.text == "ok" and loop.time() - started < 2
+        assert done.latency_ms < 500  # measured at [DONE], not after the wait for the body
+        await llm.close()

@@ -21,6 +21,7 @@ it is :class:`RateLimited`, not a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -53,6 +54,24 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+# How long to wait, after ``[DONE]``, for the server to end the response body.
+_DRAIN_S = 0.5
+
+
+async def _drain(lines: AsyncIterator[str], budget_s: float) -> None:
+    """Read a streamed body to its end (briefly): httpx returns a connection to the pool only
+    when its response was read to the end; one left unread at ``[DONE]`` (the server's
+    closing chunk not yet seen) is closed instead, so every streamed call would open a new
+    connection (and TLS session).  A server that keeps the body open after ``[DONE]``
+    just costs its connection, as before."""
+    if budget_s <= 0:
+        return
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(budget_s):
+            async for _ in lines:
+                pass
 
 
 def status_error(response: httpx.Response, body: str) -> Exception:
@@ -212,13 +231,16 @@ class OpenAIChatBackend:
                 if response.status_code >= 400:
                     body = (await response.aread()).decode(errors="replace")
                     raise status_error(response, body)
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                done = False
+                async for line in lines:
                     if time.monotonic() > deadline:
                         raise TimeoutError
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        done = True
                         break
                     event = json.loads(data)
                     if event.get("usage"):
@@ -234,6 +256,9 @@ class OpenAIChatBackend:
                                 ttft_ms = (time.perf_counter() - out.started) * 1000
                             parts.append(piece)
                             yield piece
+                ended = time.perf_counter()
+                if done:
+                    await _drain(lines, min(_DRAIN_S, deadline - time.monotonic()))
         except (TimeoutError, httpx.TimeoutException):
             raise BackendUnavailable(f"{self._name}: stream exceeded {timeout:.2f}s") from None
         except httpx.TransportError as exc:
@@ -250,6 +275,6 @@ class OpenAIChatBackend:
             finish_reason=finish,
             structured=parse_structured(text) if request.json_schema is not None else None,
             ttft_ms=ttft_ms,
-            latency_ms=(time.perf_counter() - out.started) * 1000,
+            latency_ms=(ended - out.started) * 1000,
             backend=self._name,
         )
