@@ -244,9 +244,22 @@ async def test_queries_for_the_retrieve_stage_are_embedded_in_one_call() -> None
         assert e.dim == DIM and np.allclose(e.dense, fake_vector(r.query.prompt), atol=1e-6)
         q = query_vector(r.query.prompt)
         assert e.sparse.indices == q.indices and e.sparse.values == [1.0] * len(q.indices)
-        assert "embed" in e.stage_latency_ms
+        # the model call's share of the stage (model time, told apart from mesh overhead)
+        assert 0 < e.stage_latency_ms["embed.model"] <= e.stage_latency_ms["embed"]
         # embedding is the first half of the retrieve stage: the index takes it from here
         assert H.header_dict(rec.headers)[H.NEXT] == b"retrieve"
+
+
+async def test_a_cached_query_records_no_model_time() -> None:
+    fake = FakeEmbedder()
+    mesh = mesh_with(fake, batch_size=8, cache=MemoryEmbeddingCache())
+    for request_id in ("r1", "r2"):
+        await mesh.publish(routed(request_id, "Why is the sky blue?"), as_="route")
+        await mesh.run_until_idle()
+    first, second = mesh.events(T.REQUESTS_EMBEDDED)
+    assert len(fake.calls) == 1  # the second query came from the cache
+    assert first.stage_latency_ms["embed.model"] > 0
+    assert second.stage_latency_ms["embed.model"] == 0.0 < second.stage_latency_ms["embed"]
 
 
 async def test_batch_size_one_handles_records_one_by_one() -> None:
