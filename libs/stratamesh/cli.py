@@ -197,7 +197,11 @@ def ingest(
     ] = False,
     bootstrap: Bootstrap = None,
 ) -> None:
-    """Submit documents to the knowledge plane and summarise accepted / rejected / unchanged."""
+    """Submit documents to the knowledge plane and summarise accepted / rejected / unchanged.
+
+    Waits until ingest has answered for every document and index has made every accepted
+    version searchable (a question asked next sees them), or until nothing happened for a
+    minute; --no-wait returns once the broker has the documents."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from stratamesh.docs_client import ingest_paths

@@ -19,7 +19,10 @@ key, ``client:<name>``; its registered tenant is the tenant, whatever the payloa
 With ``wait`` the outcomes are read back from ``docs.chunked`` and ``docs.rejected``,
 starting at their end offsets taken *before* publishing: ingest emits exactly one outcome
 per submission with the id ``derived_event_id(submission id, "ingest", 0)``, so outcomes
-are matched by event id (and doc id) without decoding anything else.  Problems found
+are matched by event id (and doc id) without decoding anything else.  With ``searchable``
+(the default) the wait goes on until index says each accepted version is searchable
+(``ChunksIndexed`` on ``docs.indexed``, matched by tenant, doc id and version), so a
+question asked right after ``strata ingest`` sees the documents.  Problems found
 locally (unreadable file, invalid JSONL line, duplicate id in one run) are reported as
 rejections with ``source`` = ``local`` and are not published.
 """
@@ -46,6 +49,7 @@ from stratamesh.bus.publish import Publisher
 from stratamesh.config import Settings
 from stratamesh.errors import StrataError
 from stratamesh.events import (
+    ChunksIndexed,
     ContentType,
     DocumentChunked,
     DocumentRejected,
@@ -76,6 +80,7 @@ CONTENT_TYPES: Final[dict[str, ContentType]] = {
 BEIR_SUFFIX: Final = ".jsonl"
 # The identity whose outputs carry the derived ids we wait for.
 INGEST_IDENTITY: Final = "ingest"
+INDEX_IDENTITY: Final = "index"
 # Submissions in flight (sent, not yet acknowledged) at most.
 _WINDOW: Final = 512
 # Bytes kept free below the producer's max request size for headers and framing.
@@ -105,7 +110,10 @@ class IngestSummary:
     pending: list[str] = field(default_factory=list)  # no outcome before the timeout
     skipped: list[str] = field(default_factory=list)  # files of unsupported types in folders
     versions: dict[str, int] = field(default_factory=dict)  # doc id → accepted version
+    searchable: int = 0  # accepted versions index reported searchable
+    unsearchable: list[str] = field(default_factory=list)  # accepted, not indexed in time
     waited: bool = True
+    waited_searchable: bool = False
     elapsed_s: float = 0.0
 
     @property
@@ -117,9 +125,10 @@ class IngestSummary:
         if not self.waited:
             head = f"submitted {self.submitted} of {self.total} documents (not waiting for ingest)"
         else:
+            searchable = f", {self.searchable} searchable" if self.waited_searchable else ""
             head = (
-                f"{self.total} documents: {self.accepted} accepted ({self.chunks} chunks), "
-                f"{self.unchanged} unchanged, {len(self.rejected)} rejected"
+                f"{self.total} documents: {self.accepted} accepted ({self.chunks} chunks"
+                f"{searchable}), {self.unchanged} unchanged, {len(self.rejected)} rejected"
             )
             if self.pending:
                 head += f", {len(self.pending)} without an answer yet"
@@ -135,6 +144,13 @@ class IngestSummary:
             shown = ", ".join(self.pending[:10])
             more = f" (+{len(self.pending) - 10})" if len(self.pending) > 10 else ""
             lines.append(f"  pending: {shown}{more}: is the ingest service running?")
+        if self.unsearchable:
+            shown = ", ".join(self.unsearchable[:10])
+            more = f" (+{len(self.unsearchable) - 10})" if len(self.unsearchable) > 10 else ""
+            lines.append(
+                f"  not searchable yet: {shown}{more}: are embed and index running? "
+                "(`strata dlq ls` shows failures)"
+            )
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} files of unsupported types")
         return "\n".join(lines)
@@ -149,6 +165,8 @@ class IngestSummary:
             "pending": self.pending,
             "skipped": self.skipped,
             "chunks": self.chunks,
+            "searchable": self.searchable,
+            "unsearchable": self.unsearchable,
             "versions": self.versions,
             "elapsed_s": round(self.elapsed_s, 3),
         }
@@ -299,6 +317,7 @@ class _Outcomes:
         summary: IngestSummary,
         notify: Callable[[], None],
         producer_identity: str,
+        tenant: str,
     ) -> None:
         self.consumer = consumer
         self.summary = summary
@@ -308,6 +327,12 @@ class _Outcomes:
         self.producer = producer_identity
         ring = Keyring.load(settings.keys_dir)
         self.keyring = ring if producer_identity in ring.identities else None
+        self.index_keys = ring if INDEX_IDENTITY in ring.identities else None
+        self.tenant = tenant
+        # Accepted versions not yet searchable, and searchable ones whose acceptance was not
+        # read yet (the two topics are fetched independently).
+        self.indexing: set[tuple[str, int]] = set()
+        self.indexed_early: set[tuple[str, int]] = set()
         self.sig_cache = SignatureCache()
         self.last_progress = time.monotonic()
         self.matched = 0
@@ -320,7 +345,7 @@ class _Outcomes:
 
     async def read(self, publishing: asyncio.Event, timeout_s: float) -> None:
         while True:
-            if publishing.is_set() and not self.expected:
+            if publishing.is_set() and not self.expected and not self.indexing:
                 return
             if publishing.is_set() and time.monotonic() - self.last_progress > timeout_s:
                 return
@@ -331,6 +356,9 @@ class _Outcomes:
 
     def _record(self, rec: Any) -> None:
         headers = H.header_dict(rec.headers)
+        if rec.topic == T.DOCS_INDEXED:
+            self._indexed(rec, headers)
+            return
         event_id = headers.get(H.EVENT_ID, b"").decode()
         doc = self.expected.get(event_id)
         if doc is None:
@@ -360,6 +388,12 @@ class _Outcomes:
             s.accepted += 1
             s.chunks += len(event.chunks)
             s.versions[doc.doc_id] = event.doc_version
+            if self.summary.waited_searchable:
+                key = (doc.doc_id, event.doc_version)
+                if key in self.indexed_early:
+                    s.searchable += 1
+                else:
+                    self.indexing.add(key)
         elif isinstance(event, DocumentRejected):
             if event.code == "unchanged":
                 s.unchanged += 1
@@ -370,18 +404,49 @@ class _Outcomes:
                     )
                 )
         self.last_progress = time.monotonic()
+
+    def _indexed(self, rec: Any, headers: dict[str, bytes]) -> None:
+        if headers.get(H.TENANT, b"").decode() != self.tenant:
+            return
+        if T.service_of(headers.get(H.PRODUCER, b"").decode()) != INDEX_IDENTITY:
+            return
+        if self.index_keys is not None:
+            try:
+                verify_record(
+                    self.index_keys,
+                    headers.get(H.PRODUCER, b"").decode(),
+                    leaf_hash(rec.key, rec.value or b"", headers),
+                    headers.get(H.SIGNATURE),
+                    self.sig_cache,
+                )
+            except StrataError:
+                return
+        try:
+            event = self.codec.decode(rec.value or b"")
+        except StrataError:
+            return
+        if not isinstance(event, ChunksIndexed):
+            return
+        key = (event.doc_id, event.doc_version)
+        if key in self.indexing:
+            self.indexing.discard(key)
+            self.summary.searchable += 1
+            self.last_progress = time.monotonic()
+        elif self.summary.waited_searchable:
+            self.indexed_early.add(key)
         self.notify()
 
 
 @contextlib.asynccontextmanager
-async def _outcome_reader(settings: Settings, wait: bool) -> AsyncIterator[Any]:
+async def _outcome_reader(settings: Settings, wait: bool, searchable: bool) -> AsyncIterator[Any]:
     if not wait:
         yield None
         return
+    names = (T.DOCS_CHUNKED, T.DOCS_REJECTED) + ((T.DOCS_INDEXED,) if searchable else ())
     async with open_consumer(settings) as consumer:
         tps = [
             TopicPartition(name, p)
-            for name in (T.DOCS_CHUNKED, T.DOCS_REJECTED)
+            for name in names
             for p in await topic_partitions(consumer, name)
         ]
         ends = await true_end_offsets(consumer, tps)
@@ -399,6 +464,7 @@ async def ingest_paths(
     tenant_hint: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     wait: bool = True,
+    searchable: bool = True,
     timeout_s: float = 60.0,
     id_prefix: str = "",
     service_identity: str = INGEST_IDENTITY,
@@ -408,12 +474,13 @@ async def ingest_paths(
     ``progress(done, total)`` is called as documents are answered (or, without ``wait``,
     acknowledged by the broker).  ``timeout_s``: stop waiting when no outcome arrived for
     that long after the last submission (the rest is listed as ``pending``).
+    With ``searchable`` the wait includes index making each accepted version searchable.
     ``tenant_hint`` fills the payload's tenant when the key has none registered (unsigned
     development ingress); a registered client key's tenant always wins.  ``id_prefix`` is
     put before every document id.
     """
     started = time.monotonic()
-    summary = IngestSummary(waited=wait)
+    summary = IngestSummary(waited=wait, waited_searchable=wait and searchable)
     sources, problems = _sources(list(paths), summary.skipped)
     summary.total = sum(s.count for s in sources) + len(problems)
     client = Keyring.load(settings.keys_dir).client(identity)
@@ -431,11 +498,13 @@ async def ingest_paths(
     seen: set[str] = set()
     max_bytes = settings.producer.max_request_size - _RECORD_HEADROOM
     async with (
-        _outcome_reader(settings, wait) as consumer,
+        _outcome_reader(settings, wait, searchable) as consumer,
         Publisher(settings, identity) as pub,
     ):
         outcomes = (
-            _Outcomes(settings, consumer, summary, report, service_identity) if wait else None
+            _Outcomes(settings, consumer, summary, report, service_identity, tenant)
+            if wait
+            else None
         )
         publishing = asyncio.Event()
         reader = (
@@ -528,6 +597,7 @@ async def ingest_paths(
                     await reader
         if outcomes is not None:
             summary.pending = sorted(d.doc_id for d in outcomes.expected.values())
+            summary.unsearchable = sorted(doc_id for doc_id, _ in outcomes.indexing)
     report()
     summary.elapsed_s = time.monotonic() - started
     return summary

@@ -175,7 +175,7 @@ def test_ingest_the_sample_handbook_then_ask_gets_a_cited_answer(
     env, proc = up_with_models
     ingested = strata(env, "ingest", str(HANDBOOK), timeout=180)
     assert ingested.returncode == 0, ingested.stderr
-    assert "6 accepted" in ingested.stdout, ingested.stdout
+    assert "6 accepted (10 chunks, 6 searchable)" in ingested.stdout, ingested.stdout
 
     asked = strata(
         env, "ask", "How do I redrive dead-lettered records?", "--deadline", "120", timeout=180

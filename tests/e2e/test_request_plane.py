@@ -69,7 +69,8 @@ async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Plane
             summary = await ingest_paths(
                 mesh.settings, [HANDBOOK], identity=f"client:acme-{suffix}", timeout_s=120
             )
-            assert summary.accepted == len(list(HANDBOOK.glob("*.md"))), summary.describe()
+            docs = len(list(HANDBOOK.glob("*.md")))
+            assert summary.accepted == summary.searchable == docs, summary.describe()
             yield Plane(mesh.settings, mesh, suffix)
         finally:
             await mesh.stop()

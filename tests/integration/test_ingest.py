@@ -103,6 +103,7 @@ async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_ver
         identity=client,
         progress=lambda done, total: calls.append((done, total)),
         timeout_s=30,
+        searchable=False,  # only ingest runs here
     )
     assert first.total == 8 and first.submitted == 7  # 4 files + 3 BEIR lines
     assert (first.accepted, first.unchanged, first.pending) == (6, 0, [])
@@ -132,13 +133,15 @@ async def test_strata_ingest_submits_files_folders_and_beir_then_dedupes_and_ver
             assert c.token_count == model_tokens(c.text) <= 512
 
     # Identical content again: nothing new, counted as unchanged.
-    again = await ingest_paths(env.settings, [kb, beir], identity=client, timeout_s=30)
+    again = await ingest_paths(
+        env.settings, [kb, beir], identity=client, timeout_s=30, searchable=False
+    )
     assert (again.accepted, again.unchanged, len(again.rejected)) == (0, 6, 2)
     assert len(await chunked_events(env)) == 6
 
     # A changed document becomes version 2, superseding version 1.
     (kb / "guide.md").write_text(GUIDE + "\n## Stop\n\nPress Ctrl-C.\n")
-    third = await ingest_paths(env.settings, [kb], identity=client, timeout_s=30)
+    third = await ingest_paths(env.settings, [kb], identity=client, timeout_s=30, searchable=False)
     assert (third.accepted, third.unchanged, len(third.rejected)) == (1, 2, 1)
     assert third.versions == {"kb/guide.md": 2}
     events = await chunked_events(env)
