@@ -325,9 +325,7 @@ class _Outcomes:
         self.codec = Codec.from_settings(settings)
         self.expected: dict[str, _Doc] = {}  # outcome event id → submission
         self.producer = producer_identity
-        ring = Keyring.load(settings.keys_dir)
-        self.keyring = ring if producer_identity in ring.identities else None
-        self.index_keys = ring if INDEX_IDENTITY in ring.identities else None
+        self.ring = Keyring.load(settings.keys_dir)
         self.tenant = tenant
         # Accepted versions not yet searchable, and searchable ones whose acceptance was not
         # read yet (the two topics are fetched independently).
@@ -361,25 +359,9 @@ class _Outcomes:
             return
         event_id = headers.get(H.EVENT_ID, b"").decode()
         doc = self.expected.get(event_id)
-        if doc is None:
+        if doc is None or headers.get(H.PRODUCER, b"").decode() != self.producer:
             return
-        if headers.get(H.PRODUCER, b"").decode() != self.producer:
-            return
-        if self.keyring is not None:
-            try:
-                verify_record(
-                    self.keyring,
-                    self.producer,
-                    leaf_hash(rec.key, rec.value or b"", headers),
-                    headers.get(H.SIGNATURE),
-                    self.sig_cache,
-                )
-            except StrataError:
-                return  # not ingest's: ignore it, the real outcome may still come
-        try:
-            event = self.codec.decode(rec.value or b"")
-        except StrataError:
-            return
+        event = self._event(rec, headers)
         if getattr(event, "doc_id", None) != doc.doc_id:
             return
         del self.expected[event_id]
@@ -388,7 +370,7 @@ class _Outcomes:
             s.accepted += 1
             s.chunks += len(event.chunks)
             s.versions[doc.doc_id] = event.doc_version
-            if self.summary.waited_searchable:
+            if s.waited_searchable:
                 key = (doc.doc_id, event.doc_version)
                 if key in self.indexed_early:
                     s.searchable += 1
@@ -404,27 +386,14 @@ class _Outcomes:
                     )
                 )
         self.last_progress = time.monotonic()
+        self.notify()
 
     def _indexed(self, rec: Any, headers: dict[str, bytes]) -> None:
         if headers.get(H.TENANT, b"").decode() != self.tenant:
             return
         if T.service_of(headers.get(H.PRODUCER, b"").decode()) != INDEX_IDENTITY:
             return
-        if self.index_keys is not None:
-            try:
-                verify_record(
-                    self.index_keys,
-                    headers.get(H.PRODUCER, b"").decode(),
-                    leaf_hash(rec.key, rec.value or b"", headers),
-                    headers.get(H.SIGNATURE),
-                    self.sig_cache,
-                )
-            except StrataError:
-                return
-        try:
-            event = self.codec.decode(rec.value or b"")
-        except StrataError:
-            return
+        event = self._event(rec, headers)
         if not isinstance(event, ChunksIndexed):
             return
         key = (event.doc_id, event.doc_version)
@@ -434,7 +403,27 @@ class _Outcomes:
             self.last_progress = time.monotonic()
         elif self.summary.waited_searchable:
             self.indexed_early.add(key)
-        self.notify()
+
+    def _event(self, rec: Any, headers: dict[str, bytes]) -> Any:
+        """The record's event, or None when it does not decode or its signature fails (not
+        the service's: ignore it, the real one may still come).  Signatures are checked
+        when the local keyring knows the producer (it does on a `strata up` machine)."""
+        producer = headers.get(H.PRODUCER, b"").decode()
+        if producer in self.ring.identities:
+            try:
+                verify_record(
+                    self.ring,
+                    producer,
+                    leaf_hash(rec.key, rec.value or b"", headers),
+                    headers.get(H.SIGNATURE),
+                    self.sig_cache,
+                )
+            except StrataError:
+                return None
+        try:
+            return self.codec.decode(rec.value or b"")
+        except StrataError:
+            return None
 
 
 @contextlib.asynccontextmanager
