@@ -35,7 +35,8 @@ import importlib
 import importlib.metadata
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
@@ -140,6 +141,87 @@ def local_revision(path: Path, package_version: str | None = None) -> str:
     return f"{package_version or 'local'}+{h.hexdigest()[:12]}"
 
 
+@dataclass
+class _Waiter:
+    texts: list[str]
+    future: asyncio.Future[Vectors] = field(repr=False)
+
+
+class _Coalescer:
+    """Merges concurrent ``embed`` calls into as few blocking model calls as possible.
+
+    No timer: the first caller runs at once; whoever arrives while a call is in flight
+    joins the next one (up to ``max_texts`` texts, whole callers only).  So an idle model
+    adds no latency and a busy one batches by itself.  One per event loop.
+    """
+
+    def __init__(self, run: Callable[[list[str]], Vectors], max_texts: int) -> None:
+        self._run = run
+        self._max_texts = max_texts
+        self._waiting: list[_Waiter] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiter(list(texts), future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="embed-coalescer")
+        return await future
+
+    def _take(self) -> list[_Waiter]:
+        taken: list[_Waiter] = []
+        size = 0
+        while self._waiting:
+            waiter = self._waiting[0]
+            if taken and size + len(waiter.texts) > self._max_texts:
+                break
+            self._waiting.pop(0)
+            if waiter.future.done():  # its caller was cancelled
+                continue
+            taken.append(waiter)
+            size += len(waiter.texts)
+        return taken
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = self._take()
+            if not batch:
+                continue
+            texts = [t for w in batch for t in w.texts]
+            try:
+                vectors = await asyncio.to_thread(self._run, texts)
+            except asyncio.CancelledError:  # the loop is shutting down: so are the callers
+                for waiter in batch + self._waiting:
+                    waiter.future.cancel()
+                raise
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0], exc)
+                else:
+                    for waiter in batch:  # isolate the failure to its caller(s)
+                        await self._alone(waiter)
+                continue
+            start = 0
+            for waiter in batch:
+                _settle(waiter, vectors[start : start + len(waiter.texts)])
+                start += len(waiter.texts)
+
+    async def _alone(self, waiter: _Waiter) -> None:
+        try:
+            _settle(waiter, await asyncio.to_thread(self._run, waiter.texts))
+        except Exception as exc:
+            _settle(waiter, exc)
+
+
+def _settle(waiter: _Waiter, outcome: Vectors | BaseException) -> None:
+    if waiter.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        waiter.future.set_exception(outcome)
+    else:
+        waiter.future.set_result(outcome)
+
+
 class LocalEmbedder:
     """A sentence-transformers model on CPU, loaded offline on first use."""
 
@@ -172,6 +254,7 @@ class LocalEmbedder:
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()  # one model call at a time, from any worker thread
+        self._coalescers: dict[asyncio.AbstractEventLoop, _Coalescer] = {}
 
     @classmethod
     def from_name(
@@ -234,7 +317,18 @@ class LocalEmbedder:
         return np.asarray(out, dtype=np.float32)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
-        return await asyncio.to_thread(self.embed_sync, texts)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        coalescer = self._coalescers.get(loop)
+        if coalescer is None:
+            # Keyed by loop (tests and CLIs run several loops one after another); closed
+            # loops are dropped so the map does not grow.
+            self._coalescers = {k: v for k, v in self._coalescers.items() if not k.is_closed()}
+            coalescer = self._coalescers[loop] = _Coalescer(
+                self.embed_sync, max(self.batch_size, 1)
+            )
+        return await coalescer.embed(texts)
 
     async def aclose(self) -> None:
         return None
