@@ -14,11 +14,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ChunkSettings",
+    "ConsensusSettings",
     "ConsumerSettings",
     "EmbedSettings",
     "GuardSettings",
     "IndexSettings",
     "InferSettings",
+    "JudgeSettings",
     "KafkaSettings",
     "ProducerSettings",
     "RetrySettings",
@@ -243,6 +245,14 @@ class InferSettings(BaseModel):
     default_price: tuple[float, float] = (0.0, 0.0)
 
 
+class ConsensusSettings(BaseModel):
+    """consensus: collecting and voting on replicas' candidates (``STRATA_CONSENSUS__*``)."""
+
+
+class JudgeSettings(BaseModel):
+    """judge: grounding and quality scores of decided answers (``STRATA_JUDGE__*``)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STRATA_", env_nested_delimiter="__", extra="ignore"
@@ -269,6 +279,8 @@ class Settings(BaseSettings):
     guard: GuardSettings = GuardSettings()
     route: RouteSettings = RouteSettings()
     infer: InferSettings = InferSettings()
+    consensus: ConsensusSettings = ConsensusSettings()
+    judge: JudgeSettings = JudgeSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     producer: ProducerSettings = ProducerSettings()
     retry: RetrySettings = RetrySettings()
