@@ -167,7 +167,9 @@ class RouteSettings(BaseModel):
     semantic_cache_max_entries: int = Field(2_000, ge=1, description="per tenant and scope")
     # Stages deployed: a policy asking for another (consensus, judge before their services
     # exist) is served without it, counted in strata_route_policy_downgrades_total.
-    enabled_stages: list[str] = Field(default_factory=lambda: ["retrieve", "infer", "guard_out"])
+    enabled_stages: list[str] = Field(
+        default_factory=lambda: ["retrieve", "infer", "judge", "guard_out"]
+    )
     # LoRA adapters deployed on the backends (id@revision); others are dropped likewise.
     adapters: list[str] = Field(default_factory=list)
     # Per-tenant token bucket (requests): refill rate per second and burst; per-tenant
@@ -251,6 +253,31 @@ class ConsensusSettings(BaseModel):
 
 class JudgeSettings(BaseModel):
     """judge: grounding and quality scores of decided answers (``STRATA_JUDGE__*``)."""
+
+    # Pass marks.  None = the route's JudgePolicy.threshold (the slip's judge stage) for
+    # faithfulness and citations; relevance is a MiniLM cosine, on its own scale.
+    faithfulness_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    citation_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    relevance_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    rubric_threshold: float = Field(0.6, ge=0.0, le=1.0, description="mean rubric score")
+    # Hard cap on revision rounds, whatever a policy asks (JudgePolicy.max_revisions).
+    max_revisions: int = Field(1, ge=0)
+    grounding_model: Path | None = Field(None, description="grounding artifact (.json)")
+    claim_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="P(supported) a claim needs; default: the artifact's"
+    )
+    # LLM-as-judge rubric: runs only with a judge model whose family differs from the
+    # answering model's (families: services/judge/rubric.py FAMILIES, or rubric_family).
+    rubric_backend: Literal["openai", "local"] = "openai"
+    rubric_endpoint: str | None = Field(None, description="OpenAI-compatible base URL")
+    rubric_model: str | None = Field(None, description="judge model id (as served)")
+    rubric_revision: str = "unpinned"
+    rubric_family: str | None = Field(None, description="family of rubric_model; default: table")
+    rubric_api_key: SecretStr | None = None
+    rubric_timeout_s: float = Field(30.0, gt=0)
+    rubric_max_tokens: int = Field(128, ge=16)
+    # model id (prefix) → family, added to (and overriding) the built-in table.
+    families: dict[str, str] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

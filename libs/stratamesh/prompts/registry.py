@@ -17,6 +17,8 @@ File fields (all strings unless noted; ``{placeholders}`` are checked at load)::
     no_context    said instead of the chunks when none were retrieved
     question      the user's question                                         {question}
     structured    the JSON-output instruction                                 {schema}
+    revision      optional: the follow-up turn of a revision round, after the
+                  previous answer (infer, after a judge critique)              {critique}
 
 Usage::
 
@@ -62,6 +64,8 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     "question": frozenset({"question"}),
     "structured": frozenset({"schema"}),
 }
+# Fields a template may leave out (empty when absent).
+_OPTIONAL: Final[dict[str, frozenset[str]]] = {"revision": frozenset({"critique"})}
 
 
 class UnknownTemplate(LookupError):
@@ -84,6 +88,7 @@ class PromptTemplate:
     question: str
     structured: str
     sha256: str
+    revision: str = ""
 
     @property
     def version(self) -> str:
@@ -101,6 +106,12 @@ class PromptTemplate:
 
     def structured_line(self, schema: str) -> str:
         return self.structured.format(schema=schema)
+
+    def revision_line(self, critique: str) -> str:
+        """The revision turn; ValueError when this template has none."""
+        if not self.revision:
+            raise ValueError(f"prompt template {self.version} has no revision turn")
+        return self.revision.format(critique=critique)
 
 
 def _placeholders(text: str) -> set[str]:
@@ -122,8 +133,8 @@ def parse_template(text: str, origin: str = "<string>") -> PromptTemplate:
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise ValueError(f"{origin}: `tasks` must be a list of strings")
     fields: dict[str, str] = {}
-    for field, allowed in _FIELDS.items():
-        value = data.get(field)
+    for field, allowed in (_FIELDS | _OPTIONAL).items():
+        value = data.get(field, "" if field in _OPTIONAL else None)
         if not isinstance(value, str):
             raise ValueError(f"{origin}: `{field}` must be a string")
         try:
