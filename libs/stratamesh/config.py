@@ -168,7 +168,7 @@ class RouteSettings(BaseModel):
     # Stages deployed: a policy asking for another (consensus, judge before their services
     # exist) is served without it, counted in strata_route_policy_downgrades_total.
     enabled_stages: list[str] = Field(
-        default_factory=lambda: ["retrieve", "infer", "judge", "guard_out"]
+        default_factory=lambda: ["retrieve", "infer", "consensus", "judge", "guard_out"]
     )
     # LoRA adapters deployed on the backends (id@revision); others are dropped likewise.
     adapters: list[str] = Field(default_factory=list)
@@ -249,6 +249,33 @@ class InferSettings(BaseModel):
 
 class ConsensusSettings(BaseModel):
     """consensus: collecting and voting on replicas' candidates (``STRATA_CONSENSUS__*``)."""
+
+    # Collection window, opened by a request's first candidate; the request's
+    # route.consensus.timeout_ms overrides it, and the request's deadline (less the margin,
+    # so that the escalation still reaches the reviewers in time) bounds it.
+    window_ms: int = Field(30_000, ge=1)
+    deadline_margin_ms: int = Field(250, ge=0)
+    # Free-text equivalence: cosine of MiniLM embeddings of the normalised texts.
+    similarity_threshold: float = Field(0.9, ge=0.0, le=1.0)
+    embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # No quorum by the window's end (or a quorum became impossible): `review` sends every
+    # candidate to reviews.pending; `plurality` decides for a strictly largest class, marked
+    # versions["consensus.fallback"] and counted, never silently.
+    no_quorum: Literal["review", "plurality"] = "review"
+    # Also publish RequestCompleted(status=escalated) on escalation, so the client is told.
+    escalation_result: bool = True
+    # The service whose instances are the replicas (`infer`, `infer.r2`, ...).
+    replica_service: str = "infer"
+    # What each replica is: identity -> {"model", "backend", "seed"}.  When set, only these
+    # identities are known signers; unset = every key of replica_service in the keys folder.
+    replicas: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # `single` at the consensus stage lets one replica decide; route never asks for it.
+    accept_single: bool = True
+    sweep_interval_ms: int = Field(100, ge=10)
+    lease_ms: int = Field(10_000, ge=100, description="escalation claim of one instance")
+    state_ttl_s: int = Field(24 * 3600, ge=60, description="per-request aggregation state")
+    # Prefix inside consensus's Redis keys: several meshes (or test runs) on one Redis.
+    key_scope: str = ""
 
 
 class JudgeSettings(BaseModel):

@@ -1,0 +1,1 @@
+"""consensus: replicas' signed candidates → one decision with a quorum certificate, or a human."""
