@@ -1,8 +1,15 @@
 """The infer service: a grounded, cited, signed answer per replica.
 
     requests.routed    (RequestRouted,    strata-next = infer)  ─┐
-    requests.retrieved (ContextRetrieved, strata-next = infer)  ─┴─► inference.completed
-                                                    (CandidateAnswer, strata-next = slip's next)
+    requests.retrieved (ContextRetrieved, strata-next = infer)  ─┼─► inference.completed
+    requests.judged    (AnswerJudged,     strata-next = infer)  ─┘  (CandidateAnswer,
+                                                                     strata-next = slip's next)
+
+Revision rounds: judge sends an answer below its thresholds back with a critique, the slip
+rewound to this infer stage.  The answer is regenerated from the same passages with the
+``revise`` template: the previous answer as the model's own turn, then the critique
+(:func:`.prompting.with_revision`); the CandidateAnswer carries ``revision_round`` + 1 and
+the slip moves on as usual, so it reaches judge again (which caps the rounds).
 
 Per request: the prompt template named by ``route.template_version`` (the task's template
 when that one is unknown here; the version actually used is recorded), the canary right
@@ -37,10 +44,11 @@ from prometheus_client import Counter, Histogram
 from stratamesh.bus.envelope import now_ms
 from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
-from stratamesh.bus.topics import REQUESTS_RETRIEVED, REQUESTS_ROUTED, Stage
+from stratamesh.bus.topics import REQUESTS_JUDGED, REQUESTS_RETRIEVED, REQUESTS_ROUTED, Stage
 from stratamesh.config import InferSettings, Settings
-from stratamesh.errors import ConfigError
+from stratamesh.errors import ConfigError, Poison
 from stratamesh.events import (
+    AnswerJudged,
     CandidateAnswer,
     Citation,
     ContextRetrieved,
@@ -64,6 +72,7 @@ from .prompting import (
     build_prompt,
     citations_of,
     extractive_answer,
+    with_revision,
 )
 from .tiers import Degradation, Plan, Tier
 
@@ -85,6 +94,8 @@ SERVICE: Final = "infer"
 STAGE_LATENCY_KEY: Final = "infer"
 MODEL_LATENCY_KEY: Final = "infer.model"
 EXPIRED: Final = "expired"  # CandidateAnswer.degradation when the deadline passed first
+REVISION_TEMPLATE: Final = "revise"  # prompt template of revision rounds (latest version)
+Source = RequestRouted | ContextRetrieved | AnswerJudged
 # Below this call timeout, a timeout says more about the request's deadline than about the
 # backend: it does not count against the backend's breaker or the degradation tiers.
 FAULT_TIMEOUT_S: Final = 2.0
@@ -241,7 +252,7 @@ class InferEngine:
             log.warning("unknown prompt template", asked=ref, used=fallback.version)
             return fallback
 
-    def sampling(self, event: RequestRouted | ContextRetrieved, tier: Tier) -> Sampling:
+    def sampling(self, event: Source, tier: Tier) -> Sampling:
         cfg = self.cfg
         query = event.query
         max_tokens = query.max_tokens or cfg.max_tokens
@@ -257,7 +268,7 @@ class InferEngine:
             seed=cfg.seed,
         )
 
-    async def answer(self, event: RequestRouted | ContextRetrieved, ctx: Context) -> None:
+    async def answer(self, event: Source, ctx: Context) -> None:
         started = time.perf_counter()
         identity = ctx.service
         wanted = event.slip.stage_params().get("replicas")
@@ -265,8 +276,12 @@ class InferEngine:
         if replica_index(identity) > max(1, replicas):
             return  # this slip asks for fewer replicas than this one's number
         cfg = self.cfg
-        chunks: list[Citation] = list(event.context) if isinstance(event, ContextRetrieved) else []
-        template = self.template(event.route.template_version, event.query.task)
+        chunks: list[Citation] = [] if isinstance(event, RequestRouted) else list(event.context)
+        revision_round = event.revision_round + 1 if isinstance(event, AnswerJudged) else 0
+        if isinstance(event, AnswerJudged):
+            template = self.template(REVISION_TEMPLATE, event.query.task)
+        else:
+            template = self.template(event.route.template_version, event.query.task)
         try:
             prompt = build_prompt(
                 template, event.query, chunks, max_context_chars=cfg.max_context_chars
@@ -275,6 +290,9 @@ class InferEngine:
             log.warning("response_format ignored", reason=str(exc)[:200])
             query = event.query.model_copy(update={"response_format": None})
             prompt = build_prompt(template, query, chunks, max_context_chars=cfg.max_context_chars)
+        if isinstance(event, AnswerJudged):
+            previous = event.structured or event.answer
+            prompt = with_revision(prompt, template, previous, event.critique or "")
         deadline_ms = ctx.envelope.deadline_ms
         deadline = (
             time.monotonic() + (deadline_ms - now_ms()) / 1000 if deadline_ms is not None else None
@@ -335,6 +353,7 @@ class InferEngine:
             cost=Cost(input_tokens=usage_in, output_tokens=usage_out, cost_usd=cost_usd),
             ttft_ms=completion.ttft_ms if completion else None,
             degradation=tier_label,
+            revision_round=revision_round,
             signature=b"",
         )
         signature = self.signer(identity).sign(candidate.signing_payload())
@@ -360,7 +379,7 @@ class InferEngine:
 
     async def _serve(
         self,
-        event: RequestRouted | ContextRetrieved,
+        event: Source,
         prompt: Prompt,
         plan: Plan,
         budget: Attempts,
@@ -475,6 +494,14 @@ def build_service(engine: InferEngine) -> Service:
 
     @svc.subscribe(REQUESTS_RETRIEVED, stage=Stage.INFER)
     async def on_retrieved(event: ContextRetrieved, ctx: Context) -> None:
+        await engine.answer(event, ctx)
+
+    @svc.subscribe(REQUESTS_JUDGED, stage=Stage.INFER)
+    async def on_judged(event: AnswerJudged, ctx: Context) -> None:
+        if event.passed or not event.critique:
+            # Only judge's revision requests are addressed here; anything else is a broken
+            # slip, visible in the DLQ rather than answered twice.
+            raise Poison("AnswerJudged addressed to infer without a critique to revise")
         await engine.answer(event, ctx)
 
     return svc

@@ -9,6 +9,8 @@ Message layout (what a server's prefix cache sees, in order)::
              [1] <chunk>   ...   [n] <chunk>    ContextRetrieved.context, in its order
              Question: <prompt>
              <JSON-schema instruction>          only when query.response_format is set
+    assistant: <previous answer>                revision rounds only (judge's critique):
+    user:    <template.revision with critique>  :func:`with_revision`
 
 Chunks are numbered in the order index put them (position-aware: best first, second-best
 last); ``[n]`` in the answer refers to the n-th.  Chunks beyond ``max_context_chars`` are
@@ -37,6 +39,7 @@ __all__ = [
     "cited_numbers",
     "extractive_answer",
     "schema_of",
+    "with_revision",
 ]
 
 _CITATION = re.compile(r"\[(\s*\d+(?:\s*[-–,]\s*\d+)*\s*)\]")
@@ -106,6 +109,17 @@ def build_prompt(
         parts.append(template.structured_line(json.dumps(schema, sort_keys=True)))
     messages.append(ChatMessage("user", "\n".join(parts)))
     return Prompt(messages, kept, schema)
+
+
+def with_revision(prompt: Prompt, template: PromptTemplate, previous: str, critique: str) -> Prompt:
+    """``prompt`` followed by the answer it produced and the judge's critique of it: the
+    model revises its own words (evaluator-optimizer), with the same numbered passages."""
+    messages = [
+        *prompt.messages,
+        ChatMessage("assistant", previous),
+        ChatMessage("user", template.revision_line(critique)),
+    ]
+    return Prompt(messages, prompt.chunks, prompt.json_schema)
 
 
 def cited_numbers(answer: str) -> list[int]:
