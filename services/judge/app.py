@@ -163,6 +163,7 @@ class JudgeEngine:
 
     async def judge(self, event: Source, ctx: Context) -> None:
         started = time.perf_counter()
+        degradation: str | None
         if isinstance(event, CandidateAnswer):
             model = (
                 event.model
