@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
@@ -414,9 +413,7 @@ class Consensus:
                 else:
                     stored = snap.outcome
                 if stored["trigger"] == TIMER:
-                    started = time.perf_counter()
                     await sink.send(emissions_of(stored))
-                    log.debug("timer outcome sent", ms=round((time.perf_counter() - started) * 1e3))
                 # A handler's outcome is its own record's to re-send: only the due entry left.
                 await state.settle(key)
                 settled += 1

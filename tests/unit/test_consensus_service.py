@@ -49,8 +49,9 @@ async def test_majority_one_wrong_of_three_the_right_answer_wins_with_its_certif
     source = new_event_id()
     # The wrong one first: a decision must not be taken before the quorum exists.
     for k, answer in ((2, WRONG), (1, RIGHT), (3, RIGHT)):
-        cand = make_candidate("q1", k, keys[k], answer, tenant=tenant, slip=slip,
-                              source_event_id=source)
+        cand = make_candidate(
+            "q1", k, keys[k], answer, tenant=tenant, slip=slip, source_event_id=source
+        )
         await mesh.publish(cand, as_=replica_name(k), next_stage="consensus")
         await mesh.run_until_idle()
     decided = [e for e in mesh.events(T.REQUESTS_DECIDED) if isinstance(e, AnswerDecided)]
@@ -193,9 +194,7 @@ async def test_the_window_is_bounded_by_the_request_deadline(home: Path, unique:
     mesh, engine, keys = memory_consensus(settings, replicas=3)
     tenant, slip = f"t-{unique}", consensus_slip("majority", 3)
     deadline = now_ms() + 5_000
-    cand = make_candidate(
-        "q", 1, keys[1], RIGHT, tenant=tenant, slip=slip, deadline_ms=deadline
-    )
+    cand = make_candidate("q", 1, keys[1], RIGHT, tenant=tenant, slip=slip, deadline_ms=deadline)
     await mesh.publish(cand, as_="infer", next_stage="consensus", deadline_ms=deadline)
     await mesh.run_until_idle()
     assert await engine.sweep(MeshSink(mesh), producer="consensus", now=deadline - 150) == 0
@@ -222,11 +221,13 @@ async def test_plurality_fallback_is_marked_never_silent(home: Path, unique: str
 async def test_structured_answers_agree_by_canonical_json_only(home: Path, unique: str) -> None:
     mesh, _, keys = memory_consensus(consensus_settings(home, unique), replicas=3)
     tenant, slip = f"t-{unique}", consensus_slip("majority", 3)
-    forms = {1: '{"year": 1889, "city": "Paris"}', 2: '{"city":"Paris","year":1889}',
-             3: '{"city": "Paris", "year": 1889.0}'}
+    forms = {
+        1: '{"year": 1889, "city": "Paris"}',
+        2: '{"city":"Paris","year":1889}',
+        3: '{"city": "Paris", "year": 1889.0}',
+    }
     for k in (3, 1, 2):
-        cand = make_candidate("q", k, keys[k], "", tenant=tenant, slip=slip,
-                              structured=forms[k])
+        cand = make_candidate("q", k, keys[k], "", tenant=tenant, slip=slip, structured=forms[k])
         await mesh.publish(cand, as_=replica_name(k), next_stage="consensus")
     await mesh.run_until_idle()
     [d] = mesh.events(T.REQUESTS_DECIDED)
