@@ -330,3 +330,21 @@ async def test_an_expired_candidate_is_passed_on_unscored(
     assert isinstance(out, AnswerJudged)
     assert out.versions["degradation"] == "expired" and not out.passed
     assert out.slip.next_stage == "guard_out" and out.critique is None
+
+
+async def test_infer_refuses_a_judged_answer_that_asks_for_no_revision(tmp_path: Path) -> None:
+    infer = InferEngine()
+    lm = FakeBackend("local", "unused")
+    infer.use_backends({"local": lm})
+    mesh = MemoryMesh(build_infer(infer), settings=Settings(home=tmp_path, redis_url=None))
+    infer.use_signing_key(mesh.identity("infer"))
+    slip = RoutingSlip(
+        stages=[SlipStage(stage=s) for s in ("infer", "judge", "guard_out")], current=0
+    )
+    passed = sample_event(AnswerJudged, tenant="acme", request_id="odd").model_copy(
+        update={"slip": slip, "passed": True, "critique": None}
+    )
+    await mesh.publish(passed, as_="judge", next_stage="infer")
+    await mesh.run_until_idle()
+    assert lm.calls == [] and mesh.topics[T.INFERENCE_COMPLETED] == []
+    assert len(mesh.topics[T.REQUESTS_JUDGED + ".dlq"]) == 1
