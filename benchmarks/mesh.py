@@ -698,6 +698,8 @@ def make_settings(
             "tenant_rates": {tenant: (1e6, 1e6)},
             "capacity_per_s": 1e6,
             "capacity_burst": 1e6,
+            # The request plane this benchmark runs (consensus and judge are measured apart).
+            "enabled_stages": ["retrieve", "infer", "guard_out"],
             **({} if args.retrieval else {"policy_file": no_retrieval_policy(home)}),
         }
     )

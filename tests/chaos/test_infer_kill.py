@@ -101,6 +101,7 @@ async def test_sigkill_of_infer_mid_burst_gives_every_request_exactly_one_result
                 policy_file=no_retrieval_policy(tmp_path),
                 cache_enabled=False,  # every question must reach infer
                 tenant_rates={tenant: (1000.0, 1000.0)},
+                enabled_stages=["infer", "guard_out"],  # the stages this test runs
             ),
         )
         await ensure_topics(settings, partitions=PARTITIONS)

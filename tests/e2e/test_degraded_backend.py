@@ -54,7 +54,11 @@ async def test_a_failing_backend_trips_the_breaker_and_the_reduced_tier_serves_m
             bootstrap_servers=broker.bootstrap,
             redis_url=os.environ.get("STRATA_REDIS_URL"),
             consumer={"session_timeout_ms": 6000, "heartbeat_interval_ms": 500},  # type: ignore[arg-type]
-            route=RouteSettings(policy_file=no_retrieval_policy(tmp_path), cache_enabled=False),
+            route=RouteSettings(
+                policy_file=no_retrieval_policy(tmp_path),
+                cache_enabled=False,
+                enabled_stages=["infer", "guard_out"],  # the stages this test runs
+            ),
             infer=InferSettings(
                 backend="openai",
                 endpoint=failing_primary.url,

@@ -58,7 +58,10 @@ async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Plane
             bootstrap_servers=broker.bootstrap,
             redis_url=os.environ.get("STRATA_REDIS_URL"),
             consumer={"session_timeout_ms": 6000, "heartbeat_interval_ms": 500},  # type: ignore[arg-type]
-            route=RouteSettings(tenant_budgets={f"broke-{suffix}": 0.0}),
+            route=RouteSettings(
+                tenant_budgets={f"broke-{suffix}": 0.0},
+                enabled_stages=["retrieve", "infer", "guard_out"],  # the stages SERVICES run
+            ),
             infer=InferSettings(max_tokens=48),
         )
         await ensure_topics(settings, partitions=3)
