@@ -258,6 +258,9 @@ class ConsensusSettings(BaseModel):
     # Free-text equivalence: cosine of MiniLM embeddings of the normalised texts.
     similarity_threshold: float = Field(0.9, ge=0.0, le=1.0)
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # Load the embedder before taking partitions (a lazy load stalls a lane for seconds and
+    # may outlast short windows); off only where answers are always exact or structured.
+    warm_embedder: bool = True
     # No quorum by the window's end (or a quorum became impossible): `review` sends every
     # candidate to reviews.pending; `plurality` decides for a strictly largest class, marked
     # versions["consensus.fallback"] and counted, never silently.

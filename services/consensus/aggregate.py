@@ -140,6 +140,12 @@ class Consensus:
             self._embedder = LocalEmbedder.from_name(self.cfg.embed_model)
         return self._embedder
 
+    async def warm(self) -> None:
+        """Load the embedding model now (before the consumer takes partitions)."""
+        _, equivalence = self._ready()
+        if self.cfg.warm_embedder:
+            await equivalence.embedder.embed(["warm up"])
+
     def state(self, namespace: str = "") -> ConsensusState:
         found = self._states.get(namespace)
         if found is None:

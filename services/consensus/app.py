@@ -93,6 +93,7 @@ def build_service(engine: Consensus) -> Service:
     @svc.on_start
     async def _start(settings: Settings) -> None:
         engine.bind(settings)
+        await engine.warm()
         registry = engine.registry
         if registry is not None:
             log.info("replica registry", replicas=[r.describe() for r in registry.known])
