@@ -9,7 +9,8 @@ The slip's policy is pinned by the request's first valid ballot; a later candida
 slip asks another vote is rejected (``policy_mismatch``).  Limitation: the slip reaches
 consensus through the replicas, which could rewrite it; a faulty replica that is *first*
 with a weaker but well-formed policy pins it (or, with `single` accepted, decides alone as
-replica 1).  Only route can vouch for the policy — see the service README note in app.py.
+replica 1).  Only route can vouch for the policy (it would have to sign it, or consensus
+read it from requests.routed); until then `accept_single=False` closes the lone-replica case.
 """
 
 from __future__ import annotations

@@ -65,7 +65,6 @@ async def test_majority_one_wrong_of_three_the_right_answer_wins_with_its_certif
     assert d.event_id == outcome_ids(tenant, "q1", 0)[0]
     assert d.slip.next_stage == "guard_out"
     assert d.versions["vote.infer.r2"].startswith("smollm2@r1")
-    assert set(mesh.topics[T.REQUESTS_DECIDED][0].headers) >= set()
     headers = dict(mesh.topics[T.REQUESTS_DECIDED][0].headers)
     assert headers["strata-next"] == b"guard_out"
     assert mesh.events(T.REVIEWS_PENDING) == []

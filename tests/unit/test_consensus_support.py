@@ -15,7 +15,6 @@ from stratamesh.config import Settings
 from stratamesh.events import (
     AnswerDecided,
     CandidateAnswer,
-    ConsensusMode,
     Event,
     HumanReviewRequested,
     RequestCompleted,
@@ -158,6 +157,3 @@ def outcomes_of(mesh: MemoryMesh, tenant: str) -> dict[str, list[Event]]:
             ):
                 out.setdefault(e.request_id, []).append(e)
     return out
-
-
-MODES = ConsensusMode
