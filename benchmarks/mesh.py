@@ -485,7 +485,7 @@ def pause(consumers: list[Any], paused: bool) -> None:
 
 
 def mesh_consumers(mesh: Mesh) -> list[Any]:
-    return [s.runtime.consumer for s in mesh.services if s.runtime is not None]
+    return [c for s in mesh.services if s.runtime is not None for c in s.runtime.consumers]
 
 
 def summarise(step: Timings, rate: float, count: int, window: float) -> dict[str, Any]:

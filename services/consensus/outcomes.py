@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from stratamesh.events import (
     RequestCompleted,
     ReviewCandidate,
     derived_event_id,
+    request_anchor_id,
 )
 
 from .policy import VotePolicy
@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 STAGE_LATENCY_KEY: Final = "consensus"
-_ANCHOR_NS: Final = uuid.UUID("6d1c2f3e-9a57-4f0e-8c51-3b3f0c6a2d11")
 DECIDED: Final = "decided"
 ESCALATED: Final = "escalated"
 FALLBACK: Final = "fallback"
@@ -73,7 +72,7 @@ class Voted:
 
 def outcome_ids(tenant: str, request_id: str, revision_round: int) -> tuple[str, str, str]:
     """(AnswerDecided, HumanReviewRequested, RequestCompleted) ids of one request round."""
-    anchor = str(uuid.uuid5(_ANCHOR_NS, f"{len(tenant)}:{tenant}:{revision_round}:{request_id}"))
+    anchor = request_anchor_id(tenant, request_id, revision_round)
     return (
         derived_event_id(anchor, "consensus", 0),
         derived_event_id(anchor, "consensus", 1),

@@ -39,11 +39,11 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 
+from stratamesh.stores.keys import CONSENSUS
+
 __all__ = ["PREFIX", "ConsensusState", "Snapshot", "request_key"]
 
-# TODO(stores/keys.py): the house rule keeps every Redis prefix in stratamesh.stores.keys;
-# this one lives here until that module gains a CONSENSUS constant.
-PREFIX: Final = "strata:consensus:"
+PREFIX: Final = CONSENSUS
 
 _ADD = """
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return -1 end

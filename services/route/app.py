@@ -236,7 +236,13 @@ class RouteService(Service):
                     self._serve_cached(event, ctx, lane, hit, c, started)
                     continue
             remaining: float | None = None
-            decision = policy.decide(c, task=event.query.task, lane=lane, settings=cfg)
+            decision = policy.decide(
+                c,
+                task=event.query.task,
+                lane=lane,
+                settings=cfg,
+                deployed_replicas=self.settings.infer.replicas,
+            )
             if not ctx.is_replay:
                 refusal, remaining = await limits.reserve(
                     ctx.tenant, event.request_id, decision.est_cost_usd

@@ -200,6 +200,7 @@ class Policy:
         lane: str,
         settings: RouteSettings,
         remaining_usd: float | None = None,
+        deployed_replicas: int | None = None,
     ) -> Decision:
         rule = next((r for r in self.rules if r.matches(c, task, lane)), None)
         name = rule.name if rule else "defaults"
@@ -221,6 +222,13 @@ class Policy:
         consensus = self._consensus(merged.get("consensus", {}))
         if consensus.mode != ConsensusMode.SINGLE and Stage.CONSENSUS not in enabled:
             downgrades.append(f"stage:consensus:{consensus.mode.value}")
+            consensus = ConsensusPolicy(mode=ConsensusMode.SINGLE)
+        if deployed_replicas is not None and consensus.replicas > deployed_replicas:
+            # A vote among fewer replicas than asked would wait for answers that never come
+            # and escalate every request: serve it unvoted instead, and say so.
+            downgrades.append(
+                f"replicas:{consensus.mode.value}:{consensus.replicas}>{deployed_replicas}"
+            )
             consensus = ConsensusPolicy(mode=ConsensusMode.SINGLE)
         judge = JudgePolicy.model_validate(merged.get("judge", {}))
         if judge.enabled and Stage.JUDGE not in enabled:

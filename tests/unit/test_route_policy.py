@@ -58,11 +58,27 @@ def test_high_risk_asks_for_consensus_and_judge_when_deployed(policy: Policy) ->
 
 
 def test_stages_and_adapters_the_deployment_lacks_are_dropped(policy: Policy) -> None:
-    d = policy.decide(c(risk=0.9), task="qa", lane="enterprise", settings=RouteSettings())
+    request_plane = RouteSettings(enabled_stages=["retrieve", "infer", "guard_out"])
+    d = policy.decide(c(risk=0.9), task="qa", lane="enterprise", settings=request_plane)
     assert [s.stage for s in d.slip.stages] == ["retrieve", "infer", "guard_out"]
     assert d.adapter is None and d.consensus.mode == ConsensusMode.SINGLE
     assert not d.judge.enabled and "replicas" not in d.slip.stages[1].params
     assert set(d.downgrades) == {"adapter:finance-qa@1", "stage:consensus:majority", "stage:judge"}
+
+
+def test_a_vote_needs_as_many_deployed_replicas_as_it_asks(policy: Policy) -> None:
+    settings = RouteSettings(enabled_stages=ALL_STAGES, adapters=["finance-qa@1"])
+    few = policy.decide(
+        c(risk=0.9), task="qa", lane="enterprise", settings=settings, deployed_replicas=2
+    )
+    assert few.consensus.mode == ConsensusMode.SINGLE and few.consensus.replicas == 1
+    assert [s.stage for s in few.slip.stages] == ["retrieve", "infer", "judge", "guard_out"]
+    assert "replicas" not in few.slip.stages[1].params
+    assert few.downgrades == ("replicas:majority:3>2",)
+    enough = policy.decide(
+        c(risk=0.9), task="qa", lane="enterprise", settings=settings, deployed_replicas=3
+    )
+    assert enough.consensus.mode == ConsensusMode.MAJORITY and enough.downgrades == ()
 
 
 def test_lane_caps_the_tier(policy: Policy) -> None:

@@ -94,6 +94,7 @@ def completed(t: str, rid: str, answer: str, *cites: Citation, **kw: Any) -> Req
 
 def settings_for(tmp_path: Path, **route: Any) -> Settings:
     route.setdefault("capacity_pool", f"test-{uuid.uuid4().hex}")
+    route.setdefault("enabled_stages", ["retrieve", "infer", "guard_out"])  # what these test
     return Settings(
         home=tmp_path,
         redis_url=os.environ.get("STRATA_REDIS_URL"),

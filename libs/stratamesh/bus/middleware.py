@@ -58,6 +58,7 @@ from stratamesh.events import (
     RequestCompleted,
     RequestEvent,
     derived_event_id,
+    request_anchor_id,
 )
 from stratamesh.obs.logging import bind_record
 from stratamesh.obs.metrics import BusMetrics
@@ -556,6 +557,10 @@ class Pipeline:
             reason=f"deadline passed at stage {self.service}: {exc}"[:_MESSAGE_LIMIT],
             **raw,
         )
+        # One id per request, not per input: a stage holding several events of one request
+        # (consensus's candidates, infer's revision) expires it once for its consumers.
+        anchor = request_anchor_id(result.tenant, result.request_id)
+        result = result.model_copy(update={"event_id": derived_event_id(anchor, "expired")})
         ctx.publish(result, topic_name=self.namespace + RESULTS)
         self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()
         log.info("request expired", stage=self.service, attempt=attempt)

@@ -18,7 +18,7 @@ Ids: :func:`new_event_id` for ingress events (UUIDv7), :func:`derived_event_id` 
 from stratamesh.events import _generated
 from stratamesh.events._generated import *  # noqa: F403  (the generated models; see __all__)
 from stratamesh.events.base import EventBase, Record
-from stratamesh.events.ids import derived_event_id, new_event_id
+from stratamesh.events.ids import derived_event_id, new_event_id, request_anchor_id
 from stratamesh.events.schemas import load_schema
 from stratamesh.events.signing import answer_digest, candidate_signing_payload
 
@@ -31,4 +31,5 @@ __all__ = [  # noqa: PLE0604  (the generated names, then the hand-written ones)
     "derived_event_id",
     "load_schema",
     "new_event_id",
+    "request_anchor_id",
 ]

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Final
 
-__all__ = ["derived_event_id", "new_event_id"]
+__all__ = ["derived_event_id", "new_event_id", "request_anchor_id"]
 
 _RAND_BITS: Final = 74  # 12 bits rand_a + 62 bits rand_b
 _RAND_MASK: Final = (1 << _RAND_BITS) - 1
@@ -23,6 +23,7 @@ _VERSION_7: Final = 0x7 << 76
 _VERSION_8: Final = 0x8 << 76
 _VARIANT_RFC: Final = 0b10 << 62
 _TS_MASK: Final = (1 << 48) - 1
+_ANCHOR_NS: Final = uuid.UUID("6d1c2f3e-9a57-4f0e-8c51-3b3f0c6a2d11")
 
 
 class _V7State:
@@ -94,3 +95,14 @@ def derived_event_id(input_event_id: str, stage: str, index: int = 0) -> str:
     ).digest()
     rand = int.from_bytes(digest[:10], "big") & _RAND_MASK
     return _pack(parent.int >> 80, rand, _VERSION_8)
+
+
+def request_anchor_id(tenant: str, request_id: str, revision_round: int = 0) -> str:
+    """A stable id standing for one request (round), not for any one event of it.
+
+    For outputs a stage makes from *several* inputs of the same request (consensus deciding
+    on N candidates, an expiry seen by each of them): ``derived_event_id(anchor, stage)``
+    is then the same whichever input triggered it, so a second trigger is dropped by the
+    consumers' idempotency like a redelivery.
+    """
+    return str(uuid.uuid5(_ANCHOR_NS, f"{len(tenant)}:{tenant}:{revision_round}:{request_id}"))

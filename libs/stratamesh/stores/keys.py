@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CONSENSUS",
     "IDEMPOTENCY",
     "PSEUDONYMS",
     "ROUTE_ADMITTED",
@@ -48,3 +49,7 @@ ROUTE_CITED: Final = "strata:route:cited:"
 ROUTE_DOC_VERSION: Final = "strata:route:docv:"
 # strata:route:pending:<tenant>:<request id> → JSON of what to cache when the result comes.
 ROUTE_PENDING: Final = "strata:route:pending:"
+
+# consensus (services/consensus/state.py, which documents the layout under it): per-request
+# ballots and outcome hashes, the window-close sorted set, escalation leases.
+CONSENSUS: Final = "strata:consensus:"
