@@ -34,6 +34,10 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(replay_app, name="replay")
+review_app = typer.Typer(
+    help="Human review of escalated requests: list, inspect, decide.", no_args_is_help=True
+)
+app.add_typer(review_app, name="review")
 
 # Wide enough for the topic tables when piped (rich would assume 80 columns).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -799,6 +803,109 @@ def replay_copy(
     )
     for part, (start, stop) in sorted(res.ranges.items()):
         out.print(f"  p{part}: [{start}, {stop}) → {res.copied.get(part, 0)}")
+
+
+@review_app.command("ls")
+def review_ls(
+    all_: Annotated[bool, typer.Option("--all", help="decided reviews too")] = False,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Escalations waiting for a human (reviews.pending without a decision), oldest first."""
+    from stratamesh.reviews import load_reviews
+
+    reviews = _run(load_reviews(_settings(bootstrap)))
+    table = Table("review", "request", "tenant", "age", "candidates", "reason", "decision")
+    now = datetime.now().astimezone()
+    shown = 0
+    for r in reviews:
+        if not all_ and not r.pending:
+            continue
+        shown += 1
+        q = r.request
+        minutes = (now - q.occurred_at).total_seconds() / 60
+        table.add_row(
+            q.event_id,
+            q.request_id,
+            q.tenant,
+            f"{minutes:.0f} min",
+            str(len(q.candidates)),
+            q.reason[:60],
+            "-" if r.decision is None else f"{r.decision.decision.value} by {r.decision.reviewer}",
+        )
+    out.print(table)
+    pending = sum(r.pending for r in reviews)
+    err.print(f"{pending} pending, {len(reviews) - pending} decided ({shown} shown)")
+
+
+@review_app.command("show")
+def review_show(
+    ref: Annotated[str, typer.Argument(metavar="REVIEW", help="review or request id (prefix)")],
+    bootstrap: Bootstrap = None,
+) -> None:
+    """The full escalation as JSON: reason, question, context, candidates, findings, trace,
+    and the decision when there is one."""
+    from stratamesh.reviews import find_review, load_reviews
+
+    try:
+        review = find_review(_run(load_reviews(_settings(bootstrap))), ref)
+    except StrataError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    decision = review.decision
+    view = {
+        "review": json.loads(review.request.model_dump_json()),
+        "decision": json.loads(decision.model_dump_json()) if decision is not None else None,
+    }
+    out.print_json(json.dumps(view))
+
+
+@review_app.command("decide")
+def review_decide(
+    ref: Annotated[str, typer.Argument(metavar="REVIEW", help="review or request id (prefix)")],
+    approve: Annotated[bool, typer.Option("--approve", help="release a candidate")] = False,
+    reject: Annotated[bool, typer.Option("--reject", help="refuse to answer")] = False,
+    edit: Annotated[
+        str | None, typer.Option("--edit", metavar="ANSWER", help="release this answer instead")
+    ] = None,
+    candidate: Annotated[int, typer.Option(min=1, help="which candidate --approve releases")] = 1,
+    reviewer: Annotated[
+        str, typer.Option(help="who decides (recorded in the result)", envvar="USER")
+    ] = "operator",
+    note: Annotated[str | None, typer.Option(help="why (shown with a rejection)")] = None,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Record a human decision (reviews.decided, signed as `console`); guard then completes
+    the request on `results`: approve/edit → ok with that answer, reject → blocked.
+    Give exactly one of --approve, --reject, --edit."""
+    from stratamesh.events import ReviewDecision
+    from stratamesh.reviews import decide, find_review, load_reviews
+
+    chosen = [d for d, on in (("approve", approve), ("reject", reject), ("edit", edit)) if on]
+    if len(chosen) != 1:
+        err.print("[red]error:[/red] give exactly one of --approve, --reject, --edit ANSWER")
+        raise typer.Exit(2)
+    settings = _settings(bootstrap)
+
+    async def main() -> Any:
+        review = find_review(await load_reviews(settings), ref)
+        return await decide(
+            settings,
+            review,
+            ReviewDecision(chosen[0]),
+            reviewer=reviewer,
+            candidate=candidate,
+            answer=edit,
+            note=note,
+        )
+
+    try:
+        event = _run(main())
+    except StrataError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    out.print(
+        f"{event.decision.value}: review {event.review_event_id} (request {event.request_id})"
+    )
 
 
 def main() -> None:

@@ -7,14 +7,17 @@
     requests.decided     (AnswerDecided)     │ strata-next
     requests.judged      (AnswerJudged)      │ = guard_out ─► results (RequestCompleted)
     requests.routed      (RequestRouted, cache hit)      ┘    (+ reviews.pending on escalation)
+    reviews.decided      (HumanReviewDecided)            ─► results (the reviewed request's
+                                                            final RequestCompleted)
 
-Input stage: :mod:`.admission`; output stage: :mod:`.release`.  Both use the components of
-:mod:`.components` (policy, injection classifier, PII pseudonymiser over the operational
-Redis, canary minter), bound from settings when the pipeline is built.
+Input stage: :mod:`.admission`; output stage: :mod:`.release`; review decisions:
+:mod:`.review`.  They use the components of :mod:`.components` (policy, injection
+classifier, PII pseudonymiser over the operational Redis, canary minter, review ledger),
+bound from settings when the pipeline is built.
 
-Deadlines: the middleware dead-letters a record whose ``strata-deadline`` passed before its
-handler runs, so an expired request reaches neither stage and gets no ``results`` event from
-guard (see the report of issue 4: the middleware needs an "expired" hook for that).
+Deadlines: a request whose ``strata-deadline`` passed before a handler runs gets its
+``expired`` result from the bus middleware (never silence); review decisions carry no
+deadline — a human may take days.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ from stratamesh.bus.topics import (
     REQUESTS_JUDGED,
     REQUESTS_ROUTED,
     REQUESTS_SUBMITTED,
+    REVIEWS_DECIDED,
     REVIEWS_PENDING,
     Stage,
 )
 from stratamesh.config import Settings
 from stratamesh.errors import Poison
-from stratamesh.events import InferenceRequested
+from stratamesh.events import HumanReviewDecided, InferenceRequested
 from stratamesh.security.pseudonym import MappingStore
 
 from .admission import admit
 from .components import Guard
 from .release import Source, draft_of, release
+from .review import complete
 
 __all__ = ["GuardService", "build_service", "service"]
 
@@ -94,6 +99,18 @@ def build_service(store: MappingStore | None = None) -> GuardService:
 
     for topic_name in (INFERENCE_COMPLETED, REQUESTS_DECIDED, REQUESTS_JUDGED, REQUESTS_ROUTED):
         svc.subscribe(topic_name, stage=Stage.GUARD_OUT)(on_answer)
+
+    @svc.subscribe(REVIEWS_DECIDED)
+    async def on_review_decided(event: HumanReviewDecided, ctx: Context) -> None:
+        tenant = ctx.tenant
+        if not tenant:
+            raise Poison("HumanReviewDecided without a tenant")
+        if event.decision.value in ("approve", "edit") and not (event.answer or "").strip():
+            raise Poison(f"a review decision {event.decision.value!r} without an answer")
+        result = await complete(guard.get(), event, tenant=tenant, producer=ctx.service)
+        if result is not None:
+            ctx.publish(result)
+
     return svc
 
 

@@ -23,6 +23,7 @@ from stratamesh.stores.redis import open_redis
 
 from .canary import CanaryMinter, load_guard_secret
 from .injection import InjectionScanner
+from .ledger import MemoryReviewLedger, RedisReviewLedger, ReviewLedger
 from .policy import GuardPolicy
 
 __all__ = ["GUARD_VERSION", "Guard", "Ready"]
@@ -39,6 +40,7 @@ class Ready:
     injection_threshold: float
     pseudonymiser: Pseudonymiser
     canary: CanaryMinter
+    reviews: ReviewLedger
 
     @property
     def version(self) -> str:
@@ -59,10 +61,14 @@ class Guard:
         cfg = settings.guard
         model = load_injection_model(str(cfg.injection_model) if cfg.injection_model else None)
         store = self.store
+        reviews: ReviewLedger
         if store is None:
             if self._owned is None:
                 self._owned = RedisMappingStore(open_redis(settings))
             store = self._owned
+            reviews = RedisReviewLedger(self._owned.redis)
+        else:
+            reviews = MemoryReviewLedger()
         secret = load_guard_secret(settings)
         self.ready = Ready(
             settings=cfg,
@@ -75,6 +81,7 @@ class Guard:
                 derive_key(secret, "pseudonym"), store, ttl_s=cfg.pseudonym_ttl_s
             ),
             canary=CanaryMinter(secret),
+            reviews=reviews,
         )
         return self.ready
 

@@ -55,9 +55,11 @@ from .unsafe import unsafe_score
 __all__ = [
     "STAGE_LATENCY_KEY",
     "Draft",
+    "Findings",
     "Release",
     "citation_check",
     "draft_of",
+    "protect_pii",
     "release",
     "renumber",
 ]
@@ -262,7 +264,7 @@ def _expired(
     )
 
 
-class _Findings:
+class Findings:
     def __init__(self, g: Ready) -> None:
         self.g = g
         self.items: list[GuardFinding] = []
@@ -290,6 +292,35 @@ class _Findings:
         guard_metrics().verdicts.labels(STAGE, scanner, verdict.value).inc()
 
 
+async def protect_pii(
+    g: Ready, f: Findings, policy: TenantPolicy, tenant: str, answer: str, structured: str | None
+) -> tuple[str, str | None, int, int]:
+    """PII in an answer pseudonymised (consistently with the input stage), then
+    re-identified only where the tenant allows: (answer, structured, found, re-identified)."""
+    min_score = g.settings.pii_min_score
+    texts = [answer] + ([structured] if structured else [])
+    spans = [detect(t, min_score=min_score) for t in texts]
+    done = await g.pseudonymiser.pseudonymise(tenant, texts, spans)
+    answer = done[0].text
+    if structured:
+        structured = done[1].text
+    pii_count = sum(d.count for d in done)
+    if pii_count:
+        cats = sorted({c for d in done for c in d.categories})
+        f.add("pii", 1.0, min_score, GuardVerdict.REDACT, ",".join(cats))
+        for d in done:
+            for cat, n in d.categories.items():
+                guard_metrics().pii.labels(STAGE, cat).inc(n)
+    reidentified = 0
+    if policy.reidentify_answers:
+        answer, n1 = await g.pseudonymiser.reidentify(tenant, answer)
+        reidentified += n1
+        if structured:
+            structured, n2 = await g.pseudonymiser.reidentify(tenant, structured)
+            reidentified += n2
+    return answer, structured, pii_count, reidentified
+
+
 async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, producer: str) -> Release:
     started = time.perf_counter()
     if draft.degradation == _EXPIRED:
@@ -297,7 +328,7 @@ async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, produce
             _expired(g, event, draft, tenant=tenant, producer=producer, started=started), None
         )
     policy: TenantPolicy = g.policy.for_tenant(tenant)
-    f = _Findings(g)
+    f = Findings(g)
     answer, structured, citations = draft.answer, draft.structured, list(draft.citations)
     full_text = answer + ("\n" + structured if structured else "")
 
@@ -353,27 +384,9 @@ async def release(g: Ready, event: Source, draft: Draft, *, tenant: str, produce
         answer, citations = renumber(answer, draft.context, citations)
 
     # 4. PII in the answer
-    min_score = g.settings.pii_min_score
-    texts = [answer] + ([structured] if structured else [])
-    spans = [detect(t, min_score=min_score) for t in texts]
-    done = await g.pseudonymiser.pseudonymise(tenant, texts, spans)
-    answer = done[0].text
-    if structured:
-        structured = done[1].text
-    pii_count = sum(d.count for d in done)
-    if pii_count:
-        cats = sorted({c for d in done for c in d.categories})
-        f.add("pii", 1.0, min_score, GuardVerdict.REDACT, ",".join(cats))
-        for d in done:
-            for cat, n in d.categories.items():
-                guard_metrics().pii.labels(STAGE, cat).inc(n)
-    reidentified = 0
-    if policy.reidentify_answers:
-        answer, n1 = await g.pseudonymiser.reidentify(tenant, answer)
-        reidentified += n1
-        if structured:
-            structured, n2 = await g.pseudonymiser.reidentify(tenant, structured)
-            reidentified += n2
+    answer, structured, pii_count, reidentified = await protect_pii(
+        g, f, policy, tenant, answer, structured
+    )
 
     # 5. judge thresholds
     if draft.judge is not None:

@@ -92,6 +92,8 @@ class Mesh:
                 identities = [s.identity for s in services]
                 if "embed" in identities:
                     identities.append("embed.reindex")  # `strata reindex` signs as this
+                if "guard" in identities:
+                    identities.append("console")  # `strata review decide` signs as this
                 created = ensure_dev_keys(settings, identities)
                 if created:
                     log.info(

@@ -6,6 +6,7 @@ from typing import Final
 
 __all__ = [
     "CONSENSUS",
+    "GUARD_REVIEWED",
     "IDEMPOTENCY",
     "PSEUDONYMS",
     "ROUTE_ADMITTED",
@@ -53,3 +54,7 @@ ROUTE_PENDING: Final = "strata:route:pending:"
 # consensus (services/consensus/state.py, which documents the layout under it): per-request
 # ballots and outcome hashes, the window-close sorted set, escalation leases.
 CONSENSUS: Final = "strata:consensus:"
+
+# strata:guard:reviewed:<tenant>:<review event id> → id of the decision that completed it
+# (services/guard/review.py): one final result per review, whoever decides second.
+GUARD_REVIEWED: Final = "strata:guard:reviewed:"
