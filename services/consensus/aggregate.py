@@ -138,7 +138,7 @@ class Consensus:
 
     def _make_embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = LocalEmbedder.from_name(self.cfg.embed_model)
+            self._embedder = LocalEmbedder.shared(self.cfg.embed_model)
         return self._embedder
 
     async def warm(self) -> None:

@@ -102,7 +102,7 @@ class JudgeEngine:
             model = GroundingModel(model.weights, model.bias, cfg.claim_threshold, model.version)
         # The grounding weights were fitted on MiniLM's features: always the bundled MiniLM,
         # whatever embedder the deployment's knowledge plane uses.
-        self.embedder = self.embedder or LocalEmbedder()
+        self.embedder = self.embedder or LocalEmbedder.shared()
         self.grounder = Grounder(self.embedder, model)
         self.rubric.bind(settings)
 

@@ -44,7 +44,7 @@ class LazyIntentClassifier:
         async with self._lock:
             if self._inner is None:
                 model = await asyncio.to_thread(IntentModel.load)
-                embedder = LocalEmbedder()
+                embedder = LocalEmbedder.shared()
                 await asyncio.to_thread(embedder.load)
                 self._inner = IntentClassifier(model, embedder)
             return self._inner

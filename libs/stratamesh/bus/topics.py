@@ -230,7 +230,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "CandidateAnswer",
         "request",
         "infer",
-        "consensus guard audit",
+        "consensus judge guard audit",
         "one signed candidate answer per replica",
     ),
     _t(

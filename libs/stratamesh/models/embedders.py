@@ -273,6 +273,16 @@ class LocalEmbedder:
             "server"
         )
 
+    @classmethod
+    def shared(cls, name: str = DEFAULT_MODEL) -> LocalEmbedder:
+        """One instance per model and process for the request plane's short texts (route's
+        classifier, consensus's equivalence, judge's grounding): one copy of the weights,
+        and their calls coalesce into the same batches.  The embed service keeps its own
+        instance: a document batch (seconds) must not hold up a question's classification."""
+        if name not in _SHARED:
+            _SHARED[name] = cls.from_name(name)
+        return _SHARED[name]
+
     @property
     def model_id(self) -> str:
         return self._model_id
@@ -332,6 +342,9 @@ class LocalEmbedder:
 
     async def aclose(self) -> None:
         return None
+
+
+_SHARED: dict[str, LocalEmbedder] = {}
 
 
 # -- remote -----------------------------------------------------------------------------------
