@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
@@ -176,6 +177,7 @@ class Consensus:
     # -- a candidate ----------------------------------------------------------------------
 
     async def on_candidate(self, event: CandidateAnswer, ctx: Context) -> None:
+        started = time.perf_counter()
         namespace = SHADOW_PREFIX if ctx.record.topic.startswith(SHADOW_PREFIX) else ""
         state = self.state(namespace)
         key = state.key(event.tenant, event.request_id, event.revision_round)
@@ -213,7 +215,9 @@ class Consensus:
                 )
             break
         snap = await state.load(key)
-        emissions = await self._evaluate(state, snap, trigger=ctx.event_id, producer=ctx.service)
+        emissions = await self._evaluate(
+            state, snap, trigger=ctx.event_id, producer=ctx.service, started=started
+        )
         for e in emissions:
             ctx.publish(e.event, next_stage=e.next_stage, deadline_ms=e.deadline_ms)
 
@@ -291,7 +295,13 @@ class Consensus:
     # -- ending a request -----------------------------------------------------------------
 
     async def _evaluate(
-        self, state: ConsensusState, snap: Snapshot, *, trigger: str, producer: str
+        self,
+        state: ConsensusState,
+        snap: Snapshot,
+        *,
+        trigger: str,
+        producer: str,
+        started: float | None = None,
     ) -> list[Emission]:
         """The outcome's events when ``trigger`` ended the vote now; [] otherwise."""
         if snap.policy is None:
@@ -301,7 +311,9 @@ class Consensus:
         result = tally(policy, [v.ballot for v in voted])
         if result.outcome is Outcome.PENDING:
             return []
-        kind, emissions = self._outcome(policy, result, voted, snap, producer, window_closed=False)
+        kind, emissions = self._outcome(
+            policy, result, voted, snap, producer, window_closed=False, started=started
+        )
         stored = await state.finalise(snap.key, stored_outcome(trigger, kind, emissions))
         if stored["trigger"] != trigger:
             return []
@@ -317,9 +329,13 @@ class Consensus:
         producer: str,
         *,
         window_closed: bool,
+        started: float | None = None,
     ) -> tuple[str, list[Emission]]:
         registry, _ = self._ready()
         latency = float(now_ms() - (snap.open_ms or now_ms()))
+        # The deciding candidate's own handling (its ballot stored, the tally, the
+        # decision built): what the vote adds once the last needed answer is in.
+        decide_ms = (time.perf_counter() - started) * 1000.0 if started is not None else None
         if policy is not None and result is not None and result.winner is not None:
             _, emission = decision(
                 policy=policy,
@@ -330,6 +346,7 @@ class Consensus:
                 producer=producer,
                 versions=self.versions(),
                 latency_ms=latency,
+                decide_ms=decide_ms,
             )
             return DECIDED, [emission]
         if (

@@ -39,6 +39,7 @@ from .quorum import Ballot, Reason, Tally, certificate
 from .registry import ReplicaRegistry
 
 __all__ = [
+    "DECIDE_LATENCY_KEY",
     "STAGE_LATENCY_KEY",
     "Emission",
     "Voted",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 STAGE_LATENCY_KEY: Final = "consensus"
+DECIDE_LATENCY_KEY: Final = "consensus.decide"
 DECIDED: Final = "decided"
 ESCALATED: Final = "escalated"
 FALLBACK: Final = "fallback"
@@ -160,6 +162,7 @@ def decision(
     versions: dict[str, str],
     latency_ms: float,
     fallback: bool = False,
+    decide_ms: float | None = None,
 ) -> tuple[AnswerDecided, Emission]:
     by_seq = {v.ballot.seq: v for v in voted}
     members = [by_seq[b.seq] for b in result.classes[klass]]
@@ -171,7 +174,9 @@ def decision(
     if fallback:
         all_versions["consensus.fallback"] = "plurality"
     latency = dict(c.stage_latency_ms)
-    latency[STAGE_LATENCY_KEY] = latency_ms
+    latency[STAGE_LATENCY_KEY] = latency_ms  # first candidate in → decided: the collection
+    if decide_ms is not None:
+        latency[DECIDE_LATENCY_KEY] = decide_ms
     event = AnswerDecided.derive(
         c,
         stage=producer,

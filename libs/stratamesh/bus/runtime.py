@@ -1,15 +1,16 @@
-"""The Kafka runtime: one consumer group per service, one worker ("lane") per assigned partition.
+"""The Kafka runtime: one consumer per service, one worker ("lane") per assigned partition.
 
 Why lanes: a record whose handler is backing off before a retry must not hold up the other
 partitions.  Each partition's records are handled in order by its own task; the fetch loop
 keeps feeding the others and pauses only a partition whose buffer is full.
 
-Why one consumer per subscribed topic (all members of the service's one group, which Kafka
-allows: each member states its own subscription): Tansu parks a fetch until its wait expires
-unless data arrives for the topic it was waiting on, so a consumer whose fetch spans several
-busy topics delivers late.  Measured with plain aiokafka relays at 50 ms fetch wait, 20
-records/s: 8 ms per hop with a consumer per topic, 18 ms when each relay's consumer also
-reads two other busy topics.
+Why one consumer for all of a service's topics: a consumer per topic (members of the same
+group with their own subscriptions) was measured.  Tansu delivers late to a fetch that spans
+several busy topics (plain aiokafka relays, 50 ms fetch wait, 20 records/s: 8 ms per hop with
+a consumer per topic, 18 ms when each also reads two other busy topics), and in the mesh it
+cut the bus share of guard's hops from ~25 to ~11 ms at 10 requests/s — but every idle
+consumer polls: idle CPU went from 5% + 9% (process + broker) to 17% + 35%, and the mesh
+saturated at ~80 instead of ~100 requests/s (benchmarks/mesh.py).  Throughput won.
 
 Why the commit tracker: outputs are sent without waiting, so a lane can move on while the
 broker acknowledges; the offset of a partition is committed only up to the first record
@@ -69,15 +70,14 @@ class _Lane:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, runtime: KafkaRuntime, topic: str) -> None:
+    def __init__(self, runtime: KafkaRuntime) -> None:
         self.runtime = runtime
-        self.topic = topic
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.runtime._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.runtime._assign(self.topic, assigned)
+        self.runtime._assign(assigned)
 
 
 class KafkaRuntime:
@@ -89,41 +89,32 @@ class KafkaRuntime:
         self.settings = settings
         self.pipeline = pipeline
         self.producer = producer
-        self.topics = list(dict.fromkeys(topics))
-        self._consumers = {
-            t: AIOKafkaConsumer(**consumer_config(settings, pipeline.group)) for t in self.topics
-        }
-        self._unassigned = set(self.topics)
+        self.topics = list(topics)
+        self._consumer = AIOKafkaConsumer(**consumer_config(settings, pipeline.group))
         self._lanes: dict[TopicPartition, _Lane] = {}
         self._commit_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._failed: BaseException | None = None
         self._metrics = pipeline.metrics
-        self.assigned = asyncio.Event()  # set once every topic's consumer has partitions
+        self.assigned = asyncio.Event()
 
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         tune_gc(self.settings.consumer.gc_gen0_threshold)
         try:
-            await asyncio.gather(*(c.start() for c in self._consumers.values()))
+            await self._consumer.start()
         except Exception as exc:
-            await asyncio.gather(
-                *(c.stop() for c in self._consumers.values()), return_exceptions=True
-            )
+            await self._consumer.stop()
             raise BrokerError(
                 f"cannot reach the broker at {self.settings.bootstrap_servers}: {exc}"
             ) from exc
-        for topic_name, consumer in self._consumers.items():
-            consumer.subscribe([topic_name], listener=_Rebalance(self, topic_name))
+        self._consumer.subscribe(self.topics, listener=_Rebalance(self))
         self._running = True
         name = self.pipeline.service
         self._tasks = [
-            *(
-                asyncio.create_task(self._fetch_loop(c), name=f"{name}-fetch-{t}")
-                for t, c in self._consumers.items()
-            ),
+            asyncio.create_task(self._fetch_loop(), name=f"{name}-fetch"),
             asyncio.create_task(self._commit_loop(), name=f"{name}-commit"),
         ]
 
@@ -142,11 +133,11 @@ class KafkaRuntime:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._revoke(set(self._lanes))
-        await asyncio.gather(*(c.stop() for c in self._consumers.values()))
+        await self._consumer.stop()
 
     # -- partitions ---------------------------------------------------------------------
 
-    def _assign(self, topic_name: str, assigned: set[TopicPartition]) -> None:
+    def _assign(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             if tp not in self._lanes:
                 lane = _Lane(tp)
@@ -155,9 +146,7 @@ class KafkaRuntime:
                 )
                 self._lanes[tp] = lane
         if assigned:
-            self._unassigned.discard(topic_name)
-            if not self._unassigned:
-                self.assigned.set()
+            self.assigned.set()
         log.info("partitions assigned", count=len(assigned), group=self.pipeline.group)
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
@@ -193,11 +182,13 @@ class KafkaRuntime:
 
     # -- loops --------------------------------------------------------------------------
 
-    async def _fetch_loop(self, consumer: AIOKafkaConsumer) -> None:
+    async def _fetch_loop(self) -> None:
         c = self.settings.consumer
         try:
             while self._running:
-                batches = await consumer.getmany(timeout_ms=100, max_records=c.max_poll_records)
+                batches = await self._consumer.getmany(
+                    timeout_ms=100, max_records=c.max_poll_records
+                )
                 for tp, records in batches.items():
                     lane = self._lanes.get(tp)
                     if lane is None:
@@ -205,7 +196,7 @@ class KafkaRuntime:
                     lane.queue.extend(records)
                     lane.wake.set()
                     if len(lane.queue) >= c.partition_buffer and not lane.paused:
-                        consumer.pause(tp)
+                        self._consumer.pause(tp)
                         lane.paused = True
         except asyncio.CancelledError:
             raise
@@ -241,7 +232,7 @@ class KafkaRuntime:
                     if len(lane.unacked) > _MAX_UNACKED_PER_LANE:
                         await asyncio.wait(lane.unacked[0].futures)
             if lane.paused and len(lane.queue) < resume_below and lane.tp in self._lanes:
-                self._consumers[lane.tp.topic].resume(lane.tp)
+                self._consumer.resume(lane.tp)
                 lane.paused = False
 
     @staticmethod
@@ -294,12 +285,8 @@ class KafkaRuntime:
                 # Mark before committing: after a crash in between, the record is redelivered
                 # and skipped as a duplicate rather than handled twice.
                 await self.pipeline.idempotency.mark(self.pipeline.group, marks)
-            by_topic: dict[str, dict[TopicPartition, OffsetAndMetadata]] = {}
-            for tp, offset in offsets.items():
-                by_topic.setdefault(tp.topic, {})[tp] = offset
-            for topic_name, part in by_topic.items():
-                await self._consumers[topic_name].commit(part)
             if offsets:
+                await self._consumer.commit(offsets)
                 for lane in lanes:
                     if lane.tp in offsets:
                         lane.committed = offsets[lane.tp].offset
@@ -342,7 +329,7 @@ class KafkaRuntime:
     def _report_lag(self, lanes: list[_Lane]) -> None:
         for lane in lanes:
             # The high watermark of fetch responses is right on Tansu, unlike ListOffsets.
-            hw = self._consumers[lane.tp.topic].highwater(lane.tp)
+            hw = self._consumer.highwater(lane.tp)
             if hw is None or lane.committed is None:
                 continue
             self._metrics.lag.labels(
@@ -351,8 +338,8 @@ class KafkaRuntime:
 
     @property
     def consumers(self) -> list[AIOKafkaConsumer]:
-        """One per subscribed topic, all in the service's consumer group."""
-        return list(self._consumers.values())
+        """The service's consumers (one, for all its topics: see the module docstring)."""
+        return [self._consumer]
 
     async def drained(self) -> bool:
         """True when nothing is buffered, in flight or uncommitted (used by tests and tools)."""
