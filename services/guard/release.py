@@ -29,6 +29,7 @@ from typing import Final
 
 import structlog
 
+from stratamesh.citations import MARKER, cited_numbers, marker_numbers, marker_parts
 from stratamesh.events import (
     AnswerDecided,
     AnswerJudged,
@@ -71,16 +72,7 @@ STAGE = "guard_out"
 
 Source = CandidateAnswer | AnswerDecided | AnswerJudged | RequestRouted
 
-# [2], [1, 3], [2-4]: infer's citation forms (services/infer/prompting.py).
-_MARKER = re.compile(r"\[(\d{1,3}(?:\s*[-–,;]\s*\d{1,3})*)\]")
 _EXPIRED: Final = "expired"  # CandidateAnswer.degradation when the deadline beat every tier
-
-
-def _numbers(part: str) -> list[int]:
-    bounds = [int(x) for x in re.split(r"\s*[-–]\s*", part.strip())]
-    low, high = bounds[0], bounds[-1]
-    # "[1-2000]" is not a citation of 2000 passages (infer reads it the same way).
-    return [low] if high - low > 20 or high < low else list(range(low, high + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +167,7 @@ def citation_check(
 ) -> CitationCheck:
     """Every ``[n]`` must be a 1-based passage number of ``context``; every cited chunk must
     be one of the context's chunks."""
-    numbers = [
-        n
-        for m in _MARKER.finditer(answer)
-        for part in re.split(r"[,;]", m.group(1))
-        for n in _numbers(part)
-    ]
+    numbers = cited_numbers(answer)
     bad = sorted({n for n in numbers if not 1 <= n <= len(context)})
     retrieved = {c.chunk_id for c in context}
     bad_chunks = sorted({c.chunk_id for c in citations if c.chunk_id not in retrieved})
@@ -215,21 +202,21 @@ def renumber(
 
     def repl(m: re.Match[str]) -> str:
         labels: list[str] = []
-        for part in re.split(r"[,;]", m.group(1)):
-            labels += [x for n in _numbers(part) if (x := label(n)) not in labels]
+        for n in marker_numbers(m.group(1)):
+            if (x := label(n)) not in labels:
+                labels.append(x)
         return f"[{', '.join(labels)}]"
 
-    return _MARKER.sub(repl, answer), cited
+    return MARKER.sub(repl, answer), cited
 
 
 def _strip_markers(answer: str, bad: set[int]) -> str:
     def repl(m: re.Match[str]) -> str:
-        parts = re.split(r"\s*[,;]\s*", m.group(1).strip())
-        good = [p for p in parts if not any(n in bad for n in _numbers(p))]
+        good = [p for p in marker_parts(m.group(1)) if not set(marker_numbers(p)) & bad]
         return f"[{', '.join(good)}]" if good else ""
 
     # A space left before punctuation by a removed marker goes too.
-    return re.sub(r" +([.,;:!?])", r"\1", _MARKER.sub(repl, answer))
+    return re.sub(r" +([.,;:!?])", r"\1", MARKER.sub(repl, answer))
 
 
 @dataclass(frozen=True, slots=True)

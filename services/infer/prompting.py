@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from stratamesh import citations
 from stratamesh.events import Citation, Query
 from stratamesh.models.llm.base import ChatMessage
 from stratamesh.prompts import PromptTemplate
@@ -42,7 +43,6 @@ __all__ = [
     "with_revision",
 ]
 
-_CITATION = re.compile(r"\[(\s*\d+(?:\s*[-–,]\s*\d+)*\s*)\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"\w+")
 _MIN_CHUNK_CHARS: Final = 200
@@ -124,15 +124,7 @@ def with_revision(prompt: Prompt, template: PromptTemplate, previous: str, criti
 
 def cited_numbers(answer: str) -> list[int]:
     """Citation numbers in order of first appearance: ``[2]``, ``[1, 3]``, ``[2-4]``."""
-    seen: list[int] = []
-    for match in _CITATION.finditer(answer):
-        for part in re.split(r"\s*,\s*", match.group(1).strip()):
-            bounds = [int(x) for x in re.split(r"\s*[-–]\s*", part)]
-            low, high = bounds[0], bounds[-1]
-            # "[1-2000]" is not a citation of 2000 passages: keep its first number only.
-            numbers = [low] if high - low > 20 or high < low else list(range(low, high + 1))
-            seen += [n for n in numbers if n not in seen]
-    return seen
+    return list(dict.fromkeys(citations.cited_numbers(answer)))
 
 
 def citations_of(answer: str, chunks: Sequence[Citation]) -> tuple[list[Citation], list[int]]:

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from stratamesh.citations import cited_numbers, strip_markers
 from stratamesh.models.grounding import content_words, sentences
 
-__all__ = ["Claim", "cited_numbers", "split_claims", "strip_markers"]
+__all__ = ["Claim", "split_claims"]
 
-_MARKER = re.compile(r"\s*\[(\s*\d+(?:\s*[-–,;]\s*\d+)*\s*)\]")
 _ABSTAIN = re.compile(
     r"\b(i do not know|i don't know|cannot (?:be )?(?:answer|determine|find)|"
     r"no (?:information|sources?)|(?:passages|context) do(?:es)? not (?:say|contain|mention))\b",
@@ -28,25 +28,6 @@ _MIN_CONTENT_WORDS: Final = 2
 class Claim:
     text: str  # the sentence without its markers
     cited: tuple[int, ...]  # passage numbers it cites, in order
-
-
-def _numbers(body: str) -> list[int]:
-    out: list[int] = []
-    for part in re.split(r"\s*[,;]\s*", body.strip()):
-        bounds = [int(x) for x in re.split(r"\s*[-–]\s*", part)]
-        low, high = bounds[0], bounds[-1]
-        # "[1-2000]" is not a citation of 2000 passages: its first number only (as infer).
-        out += [low] if high - low > 20 or high < low else list(range(low, high + 1))
-    return out
-
-
-def cited_numbers(text: str) -> list[int]:
-    """Every passage number ``text`` cites, in order, repeats kept."""
-    return [n for m in _MARKER.finditer(text) for n in _numbers(m.group(1))]
-
-
-def strip_markers(text: str) -> str:
-    return _MARKER.sub("", text).strip()
 
 
 def split_claims(answer: str) -> list[Claim]:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stratamesh.citations import cited_numbers, strip_markers
 from stratamesh.events import Citation
 from stratamesh.models.embedders import Embedder
 from stratamesh.models.grounding import ClaimEvidence, GroundingModel, evidence, windows
 
-from .claims import Claim, cited_numbers, split_claims, strip_markers
+from .claims import Claim, split_claims
 
 __all__ = ["Grounder", "Grounding"]
 
