@@ -114,8 +114,10 @@ async def test_sigkill_of_infer_mid_burst_gives_every_request_exactly_one_result
             async with MeshClient(settings, f"client:{tenant}") as client:
                 pending = [
                     await client.submit(
+                        # The deadline is not under test: it outlasts the whole burst even on
+                        # a throttled machine (one run here took 614 s), within the timeout.
                         client.request(
-                            f"Question {i}: what is {i} plus {i}?", deadline_s=600, max_tokens=4
+                            f"Question {i}: what is {i} plus {i}?", deadline_s=850, max_tokens=4
                         )
                     )
                     for i in range(N)

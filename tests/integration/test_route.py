@@ -60,6 +60,7 @@ def decoded(records: list[Any]) -> list[tuple[Any, dict[str, bytes]]]:
 
 async def start_route(env: Env, classifier: LazyIntentClassifier, **route: Any) -> Settings:
     route.setdefault("capacity_pool", f"it-{uuid.uuid4().hex}")
+    route.setdefault("enabled_stages", ["retrieve", "infer", "guard_out"])  # what these test
     settings = env.settings.model_copy(
         update={"route": env.settings.route.model_copy(update=route)}
     )
