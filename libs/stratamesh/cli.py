@@ -846,11 +846,12 @@ def review_show(
     and the decision when there is one."""
     from stratamesh.reviews import find_review, load_reviews
 
-    try:
-        review = find_review(_run(load_reviews(_settings(bootstrap))), ref)
-    except StrataError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    settings = _settings(bootstrap)
+
+    async def main() -> Any:
+        return find_review(await load_reviews(settings), ref)
+
+    review = _run(main())
     decision = review.decision
     view = {
         "review": json.loads(review.request.model_dump_json()),
@@ -898,11 +899,7 @@ def review_decide(
             note=note,
         )
 
-    try:
-        event = _run(main())
-    except StrataError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    event = _run(main())  # an unknown or decided review: its message, exit code 2
     out.print(
         f"{event.decision.value}: review {event.review_event_id} (request {event.request_id})"
     )

@@ -143,6 +143,12 @@ def test_up_publish_tail_dlq_replay_and_clean_ctrl_c(
     )
     assert bad.returncode == 2 and "strata keys gen --client nobody" in bad.stderr
 
+    reviews = strata(env, "review", "ls")
+    assert reviews.returncode == 0, reviews.stderr
+    assert "0 pending, 0 decided" in reviews.stderr
+    unknown = strata(env, "review", "decide", "no-such-review", "--reject")
+    assert unknown.returncode == 2 and "no review 'no-such-review'" in unknown.stderr
+
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert not (Path(env["STRATA_HOME"]) / "run" / "bootstrap").exists()
