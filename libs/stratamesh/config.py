@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "AuditSettings",
     "ChunkSettings",
     "ConsensusSettings",
     "ConsumerSettings",
@@ -22,6 +23,7 @@ __all__ = [
     "InferSettings",
     "JudgeSettings",
     "KafkaSettings",
+    "ObservabilitySettings",
     "ProducerSettings",
     "RetrySettings",
     "RouteSettings",
@@ -310,6 +312,27 @@ class JudgeSettings(BaseModel):
     families: dict[str, str] = Field(default_factory=dict)
 
 
+class AuditSettings(BaseModel):
+    """The audit service (DESIGN.md §4): its SQL store is ``Settings.database_url``
+    (Postgres via asyncpg) or, unset, SQLite (aiosqlite) under ``home``."""
+
+    # Records older than this are pruned by `strata audit prune` (0 = keep forever); the
+    # chain stays verifiable from the first kept record (a signed anchor replaces the rest).
+    retention_days: int = Field(0, ge=0)
+    # Appends are batched (one transaction, one signature over a batch's records).
+    batch_size: int = Field(256, ge=1)
+    batch_linger_ms: float = Field(20.0, ge=0)
+
+
+class ObservabilitySettings(BaseModel):
+    """Optional OpenTelemetry export; trace context already travels in ``traceparent``."""
+
+    otel_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces"
+    )
+    otel_service_prefix: str = "strata"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STRATA_", env_nested_delimiter="__", extra="ignore"
@@ -338,6 +361,8 @@ class Settings(BaseSettings):
     infer: InferSettings = InferSettings()
     consensus: ConsensusSettings = ConsensusSettings()
     judge: JudgeSettings = JudgeSettings()
+    audit: AuditSettings = AuditSettings()
+    obs: ObservabilitySettings = ObservabilitySettings()
     consumer: ConsumerSettings = ConsumerSettings()
     producer: ProducerSettings = ProducerSettings()
     retry: RetrySettings = RetrySettings()
