@@ -13,7 +13,6 @@ import time
 from typing import Any, Final
 
 import structlog
-from prometheus_client import Histogram
 
 from stratamesh.bus import topics
 from stratamesh.bus.envelope import now_ms
@@ -29,12 +28,12 @@ from stratamesh.events import (
     RetrievalPlan,
 )
 from stratamesh.models.rerankers import Reranker, make_reranker
-from stratamesh.obs.metrics import REGISTRY
 from stratamesh.stores.vectors import SparseVec, VectorStore, open_vector_store
 
 from .catalog import Catalog
 from .filters import InvalidFilter, search_filter
 from .indexing import index_events, source_ms
+from .metrics import index_metrics
 from .search import Mode, Ranked, citations, rerank, search_chunks
 
 __all__ = ["INDEX_LAG", "IndexService", "service"]
@@ -47,12 +46,7 @@ RERANK_VERSION_KEY: Final = "reranker"
 UPSERT_BATCH: Final = 64
 UPSERT_BATCH_WAIT_MS: Final = 20
 
-INDEX_LAG = Histogram(
-    "strata_index_lag_seconds",
-    "From the document's event time to searchable in the live collection, seconds",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
-    registry=REGISTRY,
-)
+INDEX_LAG = index_metrics().lag_seconds
 
 
 def _plan_value(plan: RetrievalPlan, name: str, index_default: int) -> int:

@@ -39,7 +39,6 @@ from collections.abc import Mapping
 from typing import Final
 
 import structlog
-from prometheus_client import Counter, Histogram
 
 from stratamesh.bus.envelope import now_ms
 from stratamesh.bus.middleware import Context
@@ -59,12 +58,12 @@ from stratamesh.events import (
 from stratamesh.models.llm.base import Completion, CompletionRequest, LLMBackend, Sampling
 from stratamesh.models.llm.local import SMOLLM2_MODEL_ID, LocalBackend
 from stratamesh.models.llm.openai_http import OpenAIChatBackend
-from stratamesh.obs.metrics import REGISTRY
 from stratamesh.prompts import PromptTemplate, UnknownTemplate, registry
 from stratamesh.resilience.breaker import breaker_metrics
 from stratamesh.security.keys import SigningKey, load_signing_key
 
 from .fallback import Attempts, ChainFailed, FallbackChain, GuardedBackend
+from .metrics import infer_metrics
 from .prompting import (
     POST_HOC,
     Prompt,
@@ -100,29 +99,6 @@ Source = RequestRouted | ContextRetrieved | AnswerJudged
 # backend: it does not count against the backend's breaker or the degradation tiers.
 FAULT_TIMEOUT_S: Final = 2.0
 _REPLICA = re.compile(r"\.r(\d+)$")
-
-TOKENS = Counter(
-    "strata_infer_tokens",
-    "Tokens in and out of the model, by tenant and model",
-    ["tenant", "model", "direction"],
-    registry=REGISTRY,
-)
-COST = Counter(
-    "strata_infer_cost_usd",
-    "Model cost, by tenant and model",
-    ["tenant", "model"],
-    registry=REGISTRY,
-)
-SERVED = Counter(
-    "strata_infer_answers", "Answers by degradation tier", ["replica", "tier"], registry=REGISTRY
-)
-TTFT = Histogram(
-    "strata_infer_ttft_seconds",
-    "Time to first token of the model call that answered",
-    ["backend"],
-    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-    registry=REGISTRY,
-)
 
 
 def replica_index(identity: str) -> int:
@@ -360,13 +336,14 @@ class InferEngine:
         ctx.publish(
             candidate.model_copy(update={"signature": signature}), next_stage=slip.next_stage
         )
-        SERVED.labels(identity, tier_label).inc()
+        m = infer_metrics()
+        m.answers.labels(identity, tier_label).inc()
         if completion is not None:
-            TOKENS.labels(ctx.tenant, model, "in").inc(usage_in)
-            TOKENS.labels(ctx.tenant, model, "out").inc(usage_out)
-            COST.labels(ctx.tenant, model).inc(cost_usd)
+            m.tokens.labels(ctx.tenant, model, "in").inc(usage_in)
+            m.tokens.labels(ctx.tenant, model, "out").inc(usage_out)
+            m.cost_usd.labels(ctx.tenant, model).inc(cost_usd)
             if completion.ttft_ms is not None:
-                TTFT.labels(completion.backend).observe(completion.ttft_ms / 1000)
+                m.ttft_seconds.labels(completion.backend).observe(completion.ttft_ms / 1000)
         log.info(
             "answered",
             tier=tier_label,

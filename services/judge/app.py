@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import structlog
-from prometheus_client import Counter, Histogram
 
 from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
@@ -36,10 +35,10 @@ from stratamesh.errors import ConfigError
 from stratamesh.events import AnswerDecided, AnswerJudged, CandidateAnswer, Cost, RoutingSlip
 from stratamesh.models.embedders import Embedder, LocalEmbedder, model_stamp
 from stratamesh.models.grounding import GroundingModel
-from stratamesh.obs.metrics import REGISTRY
 
 from .faithfulness import Grounder, Grounding
 from .formats import check_format
+from .metrics import judge_metrics
 from .revision import cap_of, critique_of, rewound
 from .rubric import Rubric, RubricResult
 
@@ -50,20 +49,6 @@ log = structlog.get_logger("stratamesh.judge")
 SERVICE: Final = "judge"
 STAGE_LATENCY_KEY: Final = "judge"
 EXPIRED: Final = "expired"
-
-SCORES = Histogram(
-    "strata_judge_score",
-    "Judge scores by kind",
-    ["kind"],
-    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-    registry=REGISTRY,
-)
-OUTCOMES = Counter(
-    "strata_judge_outcomes",
-    "Judged answers: passed, revise, failed (cap reached), expired",
-    ["outcome"],
-    registry=REGISTRY,
-)
 
 Source = AnswerDecided | CandidateAnswer
 
@@ -184,7 +169,7 @@ class JudgeEngine:
             latency[STAGE_LATENCY_KEY] = (time.perf_counter() - started) * 1000.0
             out = self._judged(event, ctx, model, versions, latency, None, event.cost)
             ctx.publish(out, next_stage=out.slip.next_stage)
-            OUTCOMES.labels(EXPIRED).inc()
+            judge_metrics().outcomes.labels(EXPIRED).inc()
             return
         scores = await self.score(event, model)
         assert self.grounder is not None and self.embedder is not None
@@ -203,14 +188,14 @@ class JudgeEngine:
         out = self._judged(event, ctx, model, versions, latency, scores, cost, slip_back=back)
         ctx.publish(out, next_stage=out.slip.next_stage)
         outcome = "passed" if scores.passed else ("revise" if back is not None else "failed")
-        OUTCOMES.labels(outcome).inc()
+        judge_metrics().outcomes.labels(outcome).inc()
         g = scores.grounding
         for kind, value in (
             ("faithfulness", g.faithfulness),
             ("citations", g.citation_score),
             ("relevance", g.relevance),
         ):
-            SCORES.labels(kind).observe(value)
+            judge_metrics().scores.labels(kind).observe(value)
         log.info(
             "judged",
             outcome=outcome,

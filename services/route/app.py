@@ -21,7 +21,6 @@ from dataclasses import replace
 from typing import Any, Final
 
 import structlog
-from prometheus_client import Counter
 
 from stratamesh.bus.middleware import Context
 from stratamesh.bus.service import Service
@@ -48,13 +47,13 @@ from stratamesh.events import (
 )
 from stratamesh.models.embedders import Vectors
 from stratamesh.models.intent import Classification
-from stratamesh.obs.metrics import REGISTRY
 from stratamesh.stores.redis import open_redis
 
 from .cache import CacheHit as Hit
 from .cache import ResponseCache, exact_digest, semantic_scope
 from .classify import LazyIntentClassifier, RequestClassifier, request_text
 from .limits import Lane, Limits, Refusal, effective_lane
+from .metrics import route_metrics
 from .policy import Decision, Policy, template_version
 
 __all__ = ["SERVICE", "RouteService", "build_service", "service"]
@@ -64,48 +63,6 @@ log = structlog.get_logger("stratamesh.route")
 SERVICE: Final = "route"
 STAGE_LATENCY_KEY: Final = "route"
 CLASSIFY_LATENCY_KEY: Final = "route_classify"
-
-CACHE_LOOKUPS = Counter(
-    "strata_route_cache_lookups_total",
-    "Route cache lookups by kind (exact, semantic) and outcome (hit, miss)",
-    ["kind", "outcome"],
-    registry=REGISTRY,
-)
-CACHE_FILLS = Counter(
-    "strata_route_cache_fills_total",
-    "Results considered for the cache, by outcome (stored, stale, not_pending, skipped)",
-    ["outcome"],
-    registry=REGISTRY,
-)
-INVALIDATED = Counter(
-    "strata_route_cache_invalidated_total",
-    "Cached answers dropped because a document they cited got a newer version",
-    registry=REGISTRY,
-)
-SHED = Counter(
-    "strata_route_shed_total",
-    "Requests refused as overloaded, by lane",
-    ["lane"],
-    registry=REGISTRY,
-)
-REFUSED = Counter(
-    "strata_route_refusals_total",
-    "Requests refused over a tenant limit, by kind (rate_limit, cost_budget)",
-    ["kind"],
-    registry=REGISTRY,
-)
-ROUTED = Counter(
-    "strata_route_decisions_total",
-    "Requests routed, by tier and policy rule",
-    ["tier", "rule"],
-    registry=REGISTRY,
-)
-DOWNGRADES = Counter(
-    "strata_route_policy_downgrades_total",
-    "Policy asks the deployment cannot serve (stage, adapter) or the lane caps (tier)",
-    ["what"],
-    registry=REGISTRY,
-)
 
 
 class RouteService(Service):
@@ -215,7 +172,7 @@ class RouteService(Service):
             hit = None
             if use_cache and not ctx.is_replay:
                 hit = next(found)
-                CACHE_LOOKUPS.labels("exact", "hit" if hit else "miss").inc()
+                route_metrics().cache_lookups.labels("exact", "hit" if hit else "miss").inc()
             if hit is not None:
                 self._serve_cached(event, ctx, lane, hit, None, started)
             else:
@@ -231,7 +188,7 @@ class RouteService(Service):
             scope = semantic_scope(event.query)
             if use_cache and scope is not None and not ctx.is_replay:
                 hit = await cache.get_semantic(ctx.tenant, scope, vectors[i])
-                CACHE_LOOKUPS.labels("semantic", "hit" if hit else "miss").inc()
+                route_metrics().cache_lookups.labels("semantic", "hit" if hit else "miss").inc()
                 if hit is not None:
                     self._serve_cached(event, ctx, lane, hit, c, started)
                     continue
@@ -289,9 +246,9 @@ class RouteService(Service):
         started: float,
     ) -> None:
         if refusal.kind == "shed":
-            SHED.labels(lane).inc()
+            route_metrics().shed.labels(lane).inc()
         else:
-            REFUSED.labels(refusal.kind).inc()
+            route_metrics().refused.labels(refusal.kind).inc()
         # debug: under overload this line would be written once per shed request.
         log.debug("request refused", status=refusal.status, kind=refusal.kind, lane=lane)
         ctx.publish(
@@ -363,8 +320,10 @@ class RouteService(Service):
         model_ms: float,
     ) -> None:
         for what in d.downgrades:
-            DOWNGRADES.labels(what.split(":", 2)[0] + ":" + what.split(":", 2)[1]).inc()
-        ROUTED.labels(d.tier.value, d.rule).inc()
+            route_metrics().downgrades.labels(
+                what.split(":", 2)[0] + ":" + what.split(":", 2)[1]
+            ).inc()
+        route_metrics().routed.labels(d.tier.value, d.rule).inc()
         template = template_version(d.template)
         routed = RequestRouted.derive(
             event,
@@ -406,15 +365,15 @@ class RouteService(Service):
         degraded = event.degradation not in (None, "full")
         if event.status != CompletionStatus.OK or event.cached or event.answer is None or degraded:
             if await cache.take_pending(tenant, event.request_id) is not None:
-                CACHE_FILLS.labels("skipped").inc()
+                route_metrics().cache_fills.labels("skipped").inc()
             return
         try:
             stored = await cache.fill(tenant, event)
         except ValueError:
             # A malformed pending record (never written by this code): not worth a DLQ.
-            CACHE_FILLS.labels("skipped").inc()
+            route_metrics().cache_fills.labels("skipped").inc()
             return
-        CACHE_FILLS.labels("stored" if stored else "stale_or_not_pending").inc()
+        route_metrics().cache_fills.labels("stored" if stored else "stale_or_not_pending").inc()
 
     # -- docs.indexed -------------------------------------------------------------------
 
@@ -422,7 +381,7 @@ class RouteService(Service):
         _, cache, _ = self._ready()
         dropped = await cache.invalidate(ctx.tenant, event.doc_id, event.doc_version)
         if dropped:
-            INVALIDATED.inc(dropped)
+            route_metrics().invalidated.inc(dropped)
             log.info("cached answers invalidated", doc_version=event.doc_version, count=dropped)
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiokafka import TopicPartition
 
 from stratamesh.bus import headers as hdr
@@ -40,6 +41,7 @@ from stratamesh.bus.offsets import (
 from stratamesh.bus.topics import DLQ_SUFFIX, dlq_of
 from stratamesh.config import Settings
 from stratamesh.errors import ConfigError
+from stratamesh.obs.metrics import bus_metrics
 
 __all__ = [
     "DEFAULT_REDRIVE_GROUP",
@@ -53,7 +55,11 @@ __all__ = [
     "original_headers",
     "read_dlq",
     "redrive",
+    "sample_dlq_depth",
+    "watch_dlq_depth",
 ]
+
+log = structlog.get_logger("stratamesh.bus")
 
 DEFAULT_REDRIVE_GROUP = "strata-dlq-redrive"
 _LEDGER_PREFIX = "strata-redriven:"
@@ -557,3 +563,40 @@ async def _check_ledger(
                 "redrive (harmless: handlers are idempotent by event id)"
             )
             return
+
+
+# -- depth, for alerting -----------------------------------------------------------------
+
+DLQ_DEPTH_INTERVAL_S = 30.0
+
+
+async def sample_dlq_depth(
+    settings: Settings, *, redrive_group: str = DEFAULT_REDRIVE_GROUP
+) -> dict[str, int]:
+    """Set ``strata_dlq_depth{topic}`` to every DLQ's records not redriven yet; returns them.
+
+    Depth, not inflow: ``strata_dlq_messages_total`` counts what one process dead-lettered
+    since it started, whereas an operator's question is how much waits in the topic (the
+    alert "DLQ depth > 10"), whoever put it there and whatever was redriven since.
+    """
+    depths = {s.topic: s.pending for s in await list_dlq(settings, scan_limit=0)}
+    gauge = bus_metrics().dlq_depth
+    for key in list(gauge.values):
+        if key[0] not in depths:
+            gauge.remove(*key)
+    for name, pending in depths.items():
+        gauge.labels(name).set(pending)
+    return depths
+
+
+async def watch_dlq_depth(settings: Settings, interval_s: float = DLQ_DEPTH_INTERVAL_S) -> None:
+    """Sample the DLQ depths every ``interval_s`` until cancelled (a broker hiccup is logged
+    and retried at the next interval, never raised)."""
+    while True:
+        try:
+            await sample_dlq_depth(settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("dlq depth not sampled", error=type(exc).__name__)
+        await asyncio.sleep(interval_s)

@@ -61,7 +61,8 @@ from stratamesh.events import (
     request_anchor_id,
 )
 from stratamesh.obs.logging import bind_record
-from stratamesh.obs.metrics import BusMetrics
+from stratamesh.obs.metrics import BusMetrics, ResultMetrics, result_metrics
+from stratamesh.obs.otel import HandlerSpan, HandlerTracer
 from stratamesh.obs.tracing import TraceContext
 from stratamesh.resilience.retry import Backoff, RetryBudget
 from stratamesh.security.keys import Keyring
@@ -118,6 +119,10 @@ class Context:
         self.attempt = attempt
         self.outputs: list[OutRecord] = []
         self.log = log
+        # The consumer span's context when spans are exported (outputs become its children).
+        self.trace_out: TraceContext | None = None
+        # Results published by this handling, counted once it succeeded.
+        self.completed: list[RequestCompleted] | None = None
 
     @property
     def service(self) -> str:
@@ -158,7 +163,11 @@ class Context:
         env = self.envelope
         if env.unsigned_ingress and getattr(event, "unsigned_ingress", True) is False:
             event = event.model_copy(update={"unsigned_ingress": True})
-        trace = (env.trace or TraceContext.new()).child()
+        trace = self.trace_out or (env.trace or TraceContext.new()).child()
+        if isinstance(event, RequestCompleted):
+            if self.completed is None:
+                self.completed = []
+            self.completed.append(event)
         if event.EVENT_TYPE in TERMINAL_EVENT_TYPES:
             deadline = deadline_ms
         else:
@@ -201,6 +210,7 @@ class Subscription:
 class Handled:
     event_id: str
     outputs: list[OutRecord]
+    expired: bool = False  # the deadline passed here: the outputs are its `expired` result
 
 
 @dataclass(slots=True)
@@ -216,6 +226,15 @@ class DeadLettered:
 
 
 Outcome = Handled | Skipped | DeadLettered
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    """The ``outcome`` of a span, as in ``strata_messages_handled``."""
+    if isinstance(outcome, Handled):
+        return "expired" if outcome.expired else "ok"
+    if isinstance(outcome, DeadLettered):
+        return f"dlq_{outcome.failure.value}"
+    return f"skipped_{outcome.reason}"
 
 
 @dataclass(slots=True)
@@ -263,6 +282,9 @@ class Pipeline:
     allow_unsigned_ingress: bool = False
     namespace: str = ""  # "" live, "shadow." for a shadow pipeline
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # Consumer spans exported over OpenTelemetry; None (the default) costs one check a record.
+    tracer: HandlerTracer | None = None
+    results: ResultMetrics = field(default_factory=result_metrics)
     _sig_cache: SignatureCache = field(default_factory=SignatureCache)
     _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _metric_children: dict[str, _TopicMetrics] = field(default_factory=dict)
@@ -341,12 +363,22 @@ class Pipeline:
                 tenant=None,
                 topic=topic_name,
             )
+            spans: list[HandlerSpan] = []
+            if self.tracer is not None:
+                for _, _item, ctx in batch:
+                    span = self._start_span(topic_name, ctx.envelope)
+                    ctx.trace_out = span.trace
+                    spans.append(span)
             started = time.perf_counter()
             try:
                 await sub.handler([(item.event, ctx) for _, item, ctx in batch])
             except asyncio.CancelledError:
+                for span in spans:
+                    span.end("cancelled", 1)
                 raise
             except Exception as exc:
+                for span in spans:
+                    span.end("batch_failed", 1)  # each record gets its own span next
                 log.warning(
                     "batch failed, handling its records one by one",
                     error=type(exc).__name__,
@@ -362,7 +394,11 @@ class Pipeline:
                     m.ok.inc()
                     self.budget.deposit()
                     self._remember(ctx.event_id)
+                    if ctx.completed:
+                        self._observe_results(ctx.completed)
                     outcomes[i] = Handled(ctx.event_id, ctx.outputs)
+                for span in spans:
+                    span.end("ok", 1)
         return [o for o in outcomes if o is not None]
 
     async def process(self, records: Sequence[InRecord]) -> list[tuple[InRecord, Outcome]]:
@@ -469,9 +505,8 @@ class Pipeline:
         return env
 
     async def _handle(self, item: Admitted) -> Outcome:
-        record, event = item.record, item.event
+        record = item.record
         env = self._effective_envelope(item)
-        sub = self.subscriptions[record.topic]
         bind_record(
             service=self.service,
             event_type=env.event_type,
@@ -483,12 +518,43 @@ class Pipeline:
             topic=record.topic,
         )
         self.budget.deposit()
+        if self.tracer is None:
+            outcome, _ = await self._attempts(item, env, None)
+            return outcome
+        span = self._start_span(record.topic, env)
+        try:
+            outcome, attempts = await self._attempts(item, env, span.trace)
+        except BaseException:
+            span.end("cancelled", 0)
+            raise
+        span.end(_outcome_label(outcome), attempts)
+        return outcome
+
+    def _start_span(self, topic_name: str, env: Envelope) -> HandlerSpan:
+        assert self.tracer is not None
+        return self.tracer.start(
+            topic=topic_name,
+            event_type=env.event_type,
+            event_id=env.event_id,
+            tenant=env.tenant,
+            request_id=env.request_id,
+            doc_id=env.doc_id,
+            parent=env.trace,
+        )
+
+    async def _attempts(
+        self, item: Admitted, env: Envelope, trace_out: TraceContext | None
+    ) -> tuple[Outcome, int]:
+        """Run the handler until it succeeds, fails for good, or the deadline passes."""
+        record, event = item.record, item.event
+        sub = self.subscriptions[record.topic]
         attempt = 1
         while True:
             if env.expired():
                 exc = DeadlineExceeded(f"deadline {env.deadline_ms} passed")
-                return self.deadline_passed(item, env, exc, attempt)
+                return self.deadline_passed(item, env, exc, attempt, trace_out), attempt
             ctx = Context(self, record, env, attempt)
+            ctx.trace_out = trace_out
             started = time.perf_counter()
             try:
                 if sub.batched:
@@ -500,21 +566,21 @@ class Pipeline:
             except Exception as exc:
                 verdict = classify(exc)
                 if verdict.failure is FailureClass.DEADLINE:
-                    return self.deadline_passed(item, env, exc, attempt)
+                    return self.deadline_passed(item, env, exc, attempt, trace_out), attempt
                 if not verdict.retryable:
-                    return self.dead_letter(record, exc, verdict.failure, attempt)
+                    return self.dead_letter(record, exc, verdict.failure, attempt), attempt
                 if attempt >= self.attempts:
-                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt)
+                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt), attempt
                 if not self.budget.try_withdraw():
                     self.metrics.retry_budget_exhausted.labels(self.service).inc()
-                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt)
+                    return self.dead_letter(record, exc, FailureClass.EXHAUSTED, attempt), attempt
                 delay = (
                     verdict.retry_after
                     if verdict.retry_after is not None
                     else self.backoff.delay(attempt)
                 )
                 if env.deadline_ms is not None and now_ms() + delay * 1000 > env.deadline_ms:
-                    return self.deadline_passed(item, env, exc, attempt)
+                    return self.deadline_passed(item, env, exc, attempt, trace_out), attempt
                 log.warning(
                     "handler failed, retrying",
                     error=type(exc).__name__,
@@ -528,10 +594,27 @@ class Pipeline:
             finally:
                 self._m(record.topic).seconds.observe(time.perf_counter() - started)
             self._m(record.topic).ok.inc()
-            return Handled(env.event_id or "", ctx.outputs)
+            if ctx.completed:
+                self._observe_results(ctx.completed)
+            return Handled(env.event_id or "", ctx.outputs), attempt
+
+    def _observe_results(self, results: list[RequestCompleted]) -> None:
+        if self.namespace:
+            return  # a shadow pipeline's results are compared (`strata compare`), not SLOs
+        m = self.results
+        for r in results:
+            m.results.labels(self.service, r.status.value).inc()
+            for stage, ms in r.stage_latency_ms.items():
+                m.stage_seconds.labels(stage).observe(ms / 1000.0)
+            m.cost_usd.labels(r.tenant).observe(r.cost.cost_usd)
 
     def deadline_passed(
-        self, item: Admitted, env: Envelope, exc: BaseException, attempt: int
+        self,
+        item: Admitted,
+        env: Envelope,
+        exc: BaseException,
+        attempt: int,
+        trace_out: TraceContext | None = None,
     ) -> Outcome:
         """A request-plane event whose deadline passed here ends as an ``expired`` result;
         anything else goes to the DLQ (failure class ``deadline``)."""
@@ -542,8 +625,9 @@ class Pipeline:
             # A replica (infer.r2 …) sees the same request as replica 1, which answers the
             # expiry: one result per request, not one per replica.
             self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()
-            return Handled(env.event_id or "", [])
+            return Handled(env.event_id or "", [], expired=True)
         ctx = Context(self, item.record, env, attempt)
+        ctx.trace_out = trace_out
         # Before guard_in nothing is pseudonymised yet: echo no client text.
         raw: dict[str, Any] = {}
         if isinstance(event, InferenceRequested):
@@ -563,8 +647,9 @@ class Pipeline:
         result = result.model_copy(update={"event_id": derived_event_id(anchor, "expired")})
         ctx.publish(result, topic_name=self.namespace + RESULTS)
         self.metrics.handled.labels(self.service, item.record.topic, "expired").inc()
+        self._observe_results([result])
         log.info("request expired", stage=self.service, attempt=attempt)
-        return Handled(env.event_id or "", ctx.outputs)
+        return Handled(env.event_id or "", ctx.outputs, expired=True)
 
     def dead_letter(
         self, record: InRecord, exc: BaseException, failure: FailureClass, attempt: int

@@ -67,6 +67,7 @@ class _Lane:
     paused: bool = False
     stopping: bool = False
     committed: int | None = None
+    first: int | None = None  # offset of the first record fetched since the assignment
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -193,6 +194,8 @@ class KafkaRuntime:
                     lane = self._lanes.get(tp)
                     if lane is None:
                         continue  # revoked while the fetch was in flight
+                    if lane.first is None and records:
+                        lane.first = records[0].offset
                     lane.queue.extend(records)
                     lane.wake.set()
                     if len(lane.queue) >= c.partition_buffer and not lane.paused:
@@ -327,14 +330,25 @@ class KafkaRuntime:
         return done
 
     def _report_lag(self, lanes: list[_Lane]) -> None:
+        """``strata_consumer_lag``: the partition's high watermark minus what this group has
+        committed there.
+
+        Before this member's first commit on a partition, what it resumed from stands in
+        for the committed offset: the first fetched record's offset (the group's committed
+        position, or where the reset policy started), else — nothing fetched, the fetch
+        position is at the end — no lag.  A member stuck on its first record therefore
+        shows its whole backlog, not nothing.
+        """
         for lane in lanes:
             # The high watermark of fetch responses is right on Tansu, unlike ListOffsets.
             hw = self._consumer.highwater(lane.tp)
-            if hw is None or lane.committed is None:
+            if hw is None:
                 continue
+            base = lane.committed if lane.committed is not None else lane.first
+            lag = 0 if base is None else max(hw - base, 0)
             self._metrics.lag.labels(
                 self.pipeline.service, self.pipeline.group, lane.tp.topic, str(lane.tp.partition)
-            ).set(max(hw - lane.committed, 0))
+            ).set(lag)
 
     @property
     def consumers(self) -> list[AIOKafkaConsumer]:

@@ -26,6 +26,7 @@ subclassing::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -39,6 +40,7 @@ from stratamesh.bus.topics import SHADOW_PREFIX, topic
 from stratamesh.config import Settings
 from stratamesh.errors import ConfigError
 from stratamesh.obs.metrics import bus_metrics
+from stratamesh.obs.otel import handler_tracer
 from stratamesh.resilience.retry import Backoff, RetryBudget
 from stratamesh.security.keys import Keyring, SigningKey, load_signing_key
 from stratamesh.stores.idempotency import IdempotencyStore, open_idempotency
@@ -169,6 +171,7 @@ class Service:
             budget=RetryBudget.from_settings(settings.retry),
             allow_unsigned_ingress=settings.security.allow_unsigned_ingress,
             namespace=self.namespace,
+            tracer=handler_tracer(settings, self.namespace + self.identity),
         )
 
     async def start(
@@ -206,6 +209,9 @@ class Service:
             await self.producer.stop()
         if self.pipeline is not None:
             await self.pipeline.idempotency.close()
+            if self.pipeline.tracer is not None:
+                # The exporter posts from its own thread: don't hold the event loop for it.
+                await asyncio.to_thread(self.pipeline.tracer.flush)
         self.runtime = self.producer = self.pipeline = None
         for hook in self._stop_hooks:
             await hook()

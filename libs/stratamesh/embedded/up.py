@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from stratamesh.bus.admin import ensure_topics
+from stratamesh.bus.dlq import watch_dlq_depth
 from stratamesh.bus.service import Service
 from stratamesh.config import Settings
 from stratamesh.embedded.broker import EmbeddedBroker
@@ -166,8 +167,20 @@ class Mesh:
                 t.cancel()
 
 
+_watchers: set[asyncio.Task[None]] = set()
+
+
 def start_metrics(settings: Settings) -> int | None:
+    """Serve this process's one registry on ``settings.metrics_port`` (None: not at all).
+
+    Called from a running event loop, it also samples the dead-letter topics' depth
+    (``strata_dlq_depth``) there every 30 s, until the loop ends.
+    """
     if settings.metrics_port is None:
         return None
     serve_metrics(settings.metrics_port)
+    with contextlib.suppress(RuntimeError):  # no running loop: serve only
+        task = asyncio.get_running_loop().create_task(watch_dlq_depth(settings))
+        _watchers.add(task)
+        task.add_done_callback(_watchers.discard)
     return settings.metrics_port
