@@ -313,15 +313,27 @@ class JudgeSettings(BaseModel):
 
 
 class AuditSettings(BaseModel):
-    """The audit service (DESIGN.md §4): its SQL store is ``Settings.database_url``
-    (Postgres via asyncpg) or, unset, SQLite (aiosqlite) under ``home``."""
+    """The audit service and cost ledger (DESIGN.md §4, ``STRATA_AUDIT__*``): its SQL store is
+    ``Settings.database_url`` (Postgres via asyncpg) or, unset, SQLite (aiosqlite) at
+    ``sqlite_path``."""
 
-    # Records older than this are pruned by `strata audit prune` (0 = keep forever); the
-    # chain stays verifiable from the first kept record (a signed anchor replaces the rest).
+    # Records older than this are pruned by `strata audit prune` and, when > 0, by the
+    # service every `prune_interval_s` (0 = keep forever); the chain stays verifiable from
+    # the first kept record (a signed anchor replaces the rest).
     retention_days: int = Field(0, ge=0)
+    prune_interval_s: int = Field(3600, ge=60)
     # Appends are batched (one transaction, one signature over a batch's records).
     batch_size: int = Field(256, ge=1)
     batch_linger_ms: float = Field(20.0, ge=0)
+    sqlite_path: Path | None = Field(
+        None, description="SQLite file when database_url is unset; default HOME/state/audit.db"
+    )
+    # Postgres schema of the audit tables (created on first use); None = the database's
+    # default search path (`public`).  Lets several meshes or test runs share one database.
+    db_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Identity whose key seals what the CLI writes (prune anchors, erasure records); the
+    # service seals with its own identity.  Verification accepts any `audit` instance.
+    identity: str = "audit"
 
 
 class ObservabilitySettings(BaseModel):

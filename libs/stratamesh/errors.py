@@ -6,6 +6,7 @@ Every error the library raises derives from :class:`StrataError`::
     ├── ConfigError               settings or key material are missing or wrong; the message
     │                             names the setting and how to fix it
     ├── BrokerError               the broker is unreachable or refused an operation
+    ├── StoreError                a database (the audit SQL store) is unreachable or refused
     ├── ContractError             an event does not fit the wire contract        (poison)
     │   ├── DecodeError           malformed bytes, unknown schema fingerprint/id
     │   └── EncodeError           a model that cannot be written with its schema
@@ -44,6 +45,7 @@ __all__ = [
     "Poison",
     "SecurityError",
     "SignatureError",
+    "StoreError",
     "StrataError",
     "Transient",
     "UnauthorizedProducer",
@@ -62,6 +64,10 @@ class ConfigError(StrataError):
 
 class BrokerError(StrataError):
     """The broker is unreachable or refused an operation."""
+
+
+class StoreError(StrataError):
+    """A database is unreachable or refused an operation; the message says how to fix it."""
 
 
 class ContractError(StrataError):

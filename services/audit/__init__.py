@@ -1,0 +1,1 @@
+"""The audit service: a tamper-evident record of every event, and the cost ledger."""
