@@ -38,6 +38,13 @@ review_app = typer.Typer(
     help="Human review of escalated requests: list, inspect, decide.", no_args_is_help=True
 )
 app.add_typer(review_app, name="review")
+audit_app = typer.Typer(
+    help="The tamper-evident audit trail: verify it, trace a request, prune, erase a person.\n\n"
+    "The trail lives in STRATA_DATABASE_URL (Postgres) or, unset, in SQLite under "
+    "$STRATA_HOME/state; tables are migrated on first use.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 
 # Wide enough for the topic tables when piped (rich would assume 80 columns).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -903,6 +910,332 @@ def review_decide(
     out.print(
         f"{event.decision.value}: review {event.review_event_id} (request {event.request_id})"
     )
+
+
+# -- audit and cost ---------------------------------------------------------------------
+
+
+def _when(text: str) -> int:
+    """Epoch ms of `24h`/`7d`/`PT1H` ago, or of an ISO date/time (UTC unless it says)."""
+    from datetime import UTC
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return int((datetime.now(UTC) - _duration(text)).timestamp() * 1000)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+async def _audit_store(settings: Settings, *, sign: bool = False) -> Any:
+    from stratamesh.audit.store import AuditStore
+    from stratamesh.security.keys import load_signing_key
+
+    signer = load_signing_key(settings, settings.audit.identity) if sign else None
+    return await AuditStore.open(settings, signer=signer)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    chain: Annotated[
+        list[str] | None,
+        typer.Option("--chain", "-c", help="only this chain, e.g. results/0 (repeatable)"),
+    ] = None,
+    from_seq: Annotated[
+        int | None, typer.Option("--from-seq", help="first position of a range (per chain)")
+    ] = None,
+    to_seq: Annotated[
+        int | None, typer.Option("--to-seq", help="last position of a range (per chain)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check every hash chain of the audit trail (or a range of one) and name each record
+    that was altered, removed, inserted or reordered.
+
+    Each record's content must hash to its stored hash, link to the previous record's hash
+    and carry a valid seal (an Ed25519 signature of the audit service over its batch); each
+    chain must end at its sealed head and start at its genesis or at the signed anchor a
+    prune left.  Exit code 0: intact; 1: problems found (listed); 2: could not check."""
+    settings = _settings(need_broker=False)
+
+    async def main() -> Any:
+        store = await _audit_store(settings)
+        try:
+            return await store.verify(chain, from_seq=from_seq, to_seq=to_seq)
+        finally:
+            await store.close()
+
+    report = _run(main())
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        if report.findings:
+            table = Table("kind", "chain", "seq", "record", "what")
+            for f in report.findings:
+                table.add_row(
+                    f"[red]{f.kind}[/red]",
+                    f.chain,
+                    "-" if f.seq is None else str(f.seq),
+                    "-" if f.record_id is None else str(f.record_id),
+                    f.detail,
+                )
+            out.print(table)
+        rate = report.records / report.seconds if report.seconds > 0 else 0.0
+        verdict = (
+            "[green]intact[/green]"
+            if report.ok
+            else f"[red]{len(report.findings)} problem(s)[/red]"
+        )
+        err.print(
+            f"{verdict}: {report.records} record(s) in {report.chains} chain(s) checked in "
+            f"{report.seconds:.2f} s ({rate:,.0f} records/s)"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("trace")
+def audit_trace(
+    request_id: Annotated[str, typer.Argument(metavar="REQUEST_ID", help="the request's id")],
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's records")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the steps as JSON")] = False,
+) -> None:
+    """A request's full path from its audit records: every stage in event time, its
+    producer, model and template versions, guard verdicts, votes, judge scores, tokens,
+    cost and per-stage latencies (never the prompt or answer text)."""
+    from stratamesh.audit.trace import request_trace
+
+    settings = _settings(need_broker=False)
+
+    async def main() -> Any:
+        store = await _audit_store(settings)
+        try:
+            return await request_trace(store, request_id, tenant=tenant)
+        finally:
+            await store.close()
+
+    steps = _run(main())
+    if not steps:
+        err.print(f"[red]error:[/red] no audit records of request {request_id!r}")
+        raise typer.Exit(2)
+    if as_json:
+        out.print_json(
+            json.dumps({"request_id": request_id, "steps": [s.as_dict() for s in steps]})
+        )
+        return
+    table = Table("+ms", "event", "producer", "model / versions", "decided", "tokens", "cost $")
+    for s in steps:
+        versions = " ".join(f"{k}={v}" for k, v in sorted(s.versions.items()))
+        event = s.event_type + (" [yellow](replay)[/yellow]" if s.replay else "")
+        if s.status != "ok":
+            event = f"[red]{event} {s.status}[/red]"
+        table.add_row(
+            str(s.since_start_ms),
+            event,
+            s.producer,
+            " ".join(x for x in (s.model, versions) if x)[:80],
+            s.summary[:90],
+            f"{s.input_tokens}/{s.output_tokens}" if s.input_tokens or s.output_tokens else "",
+            f"{s.cost_usd:.6f}{'' if s.billed else ' (total)' if s.cost_usd else ''}"
+            if s.cost_usd
+            else "",
+        )
+    out.print(table)
+    latency = next(
+        (s.detail.get("latency_ms") for s in reversed(steps) if s.detail.get("latency_ms")), None
+    )
+    if latency:
+        out.print("stage latency (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
+
+
+@audit_app.command("prune")
+def audit_prune(
+    older_than_days: Annotated[
+        int | None,
+        typer.Option("--older-than-days", min=0, help="default: STRATA_AUDIT__RETENTION_DAYS"),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="really delete (default: dry run)")] = False,
+) -> None:
+    """Delete records older than the retention window, per chain, leaving a signed anchor
+    (the last pruned record's position and hash) so the rest still verifies.  Needs the
+    audit key (STRATA_AUDIT__IDENTITY, default `audit`)."""
+    import sqlalchemy as sa
+
+    from stratamesh.audit.schema import records
+    from stratamesh.audit.store import now_ms
+
+    settings = _settings(need_broker=False)
+    days = settings.audit.retention_days if older_than_days is None else older_than_days
+    if days <= 0 and older_than_days is None:
+        err.print(
+            "[red]error:[/red] the retention window is 0 (keep forever): pass "
+            "--older-than-days N or set STRATA_AUDIT__RETENTION_DAYS"
+        )
+        raise typer.Exit(2)
+    cutoff = now_ms() - days * 86_400_000
+
+    async def main() -> Any:
+        store = await _audit_store(settings, sign=yes)
+        try:
+            if yes:
+                return await store.prune(cutoff)
+            async with store.engine.connect() as conn:
+                query = sa.select(sa.func.count()).where(records.c.recorded_ms < cutoff)
+                return int((await conn.execute(query)).scalar() or 0)
+        finally:
+            await store.close()
+
+    done = _run(main())
+    if not yes:
+        out.print(f"{done} record(s) recorded more than {days} day(s) ago; --yes prunes them")
+        return
+    for p in done:
+        out.print(f"{p.chain}: pruned {p.pruned}, anchored at seq {p.anchor_seq}")
+    out.print(f"pruned {sum(p.pruned for p in done)} record(s) in {len(done)} chain(s)")
+
+
+@audit_app.command("erase")
+def audit_erase(
+    tenant: Annotated[str, typer.Option(help="the tenant whose requests mentioned the person")],
+    value: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--value",
+            metavar="KIND=VALUE",
+            help="a value of the person as guard detects it, e.g. PERSON='Jane Doe', "
+            "EMAIL_ADDRESS=jane@example.com, PHONE_NUMBER=+15550102030 (repeatable)",
+        ),
+    ] = None,
+    pseudonym: Annotated[
+        list[str] | None,
+        typer.Option(help="a pseudonym to erase as is, e.g. '<PERSON_7f3a2c91d0>' (repeatable)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Erase a person (a data subject of a tenant): delete the mappings that turn their
+    pseudonyms back into their values, and record the erasure in the audit trail.
+
+    The trail itself never holds values or pseudonyms, so it stays intact and verifiable.
+    Values are turned into pseudonyms with guard's secret (STRATA_GUARD__SECRET or
+    $STRATA_HOME/keys/guard.secret); the mappings live in STRATA_REDIS_URL's Redis."""
+    from stratamesh.audit.erasure import erase
+
+    pairs: list[tuple[str, str]] = []
+    for item in value or []:
+        kind, sep, text = item.partition("=")
+        if not sep or not kind.strip() or not text:
+            raise typer.BadParameter(f"expected KIND=VALUE, got {item!r}", param_hint="--value")
+        pairs.append((kind.strip().upper(), text))
+    settings = _settings(need_broker=False)
+
+    async def main() -> Any:
+        store = await _audit_store(settings, sign=True)
+        try:
+            return await erase(settings, store, tenant, values=pairs, pseudonyms=pseudonym or [])
+        finally:
+            await store.close()
+
+    result = _run(main())
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    out.print(
+        f"erased {result.removed} of {len(result.pseudonyms)} pseudonym mapping(s) of tenant "
+        f"{result.tenant} (the others had expired or never existed); recorded in "
+        f"{result.record_chain}"
+    )
+
+
+@audit_app.command("migrate")
+def audit_migrate() -> None:
+    """Create or upgrade the audit tables (the service and every audit command do it too)."""
+    from stratamesh.stores.sql import database_url, describe_url
+
+    settings = _settings(need_broker=False)
+
+    async def main() -> None:
+        store = await _audit_store(settings)
+        await store.close()
+
+    _run(main())
+    out.print(f"audit tables up to date in {describe_url(database_url(settings))}")
+
+
+@app.command()
+def cost(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    model: Annotated[str | None, typer.Option(help="only this model (id@revision)")] = None,
+    request: Annotated[str | None, typer.Option(help="only this request id")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="from: a duration ago (24h, 7d) or an ISO date/time")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="until (exclusive), same forms")] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="group by tenant, model and/or request (repeatable; default both tenant and model)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Tokens and cost from the audit trail's ledger, per tenant, model or request.
+
+    Billed = every model call (each replica's CandidateAnswer, each revision round), once.
+    Replayed events (strata-replay) are audited but not billed: shown apart."""
+    from stratamesh.audit.ledger import GROUPS, cost_report
+
+    groups = by or ["tenant", "model"]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r}: use {', '.join(GROUPS)}", param_hint="--by")
+    since_ms = _when(since) if since else None
+    until_ms = _when(until) if until else None
+    settings = _settings(need_broker=False)
+
+    async def main() -> Any:
+        store = await _audit_store(settings)
+        try:
+            return await cost_report(
+                store,
+                by=groups,  # type: ignore[arg-type]
+                tenant=tenant,
+                model=model,
+                request_id=request,
+                since_ms=since_ms,
+                until_ms=until_ms,
+            )
+        finally:
+            await store.close()
+
+    report = _run(main())
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+        return
+    table = Table(*report.by, "calls", "input tokens", "output tokens", "cost $")
+    for line in report.lines:
+        table.add_row(
+            *(line.group[g] or "-" for g in report.by),
+            str(line.calls),
+            f"{line.input_tokens:,}",
+            f"{line.output_tokens:,}",
+            f"{line.cost_usd:.6f}",
+        )
+    t = report.total
+    table.add_row(
+        "[bold]total[/bold]",
+        *([""] * (len(report.by) - 1)),
+        str(t.calls),
+        f"{t.input_tokens:,}",
+        f"{t.output_tokens:,}",
+        f"{t.cost_usd:.6f}",
+    )
+    out.print(table)
+    if report.replayed_calls:
+        err.print(
+            f"not billed: {report.replayed_calls} replayed model call(s), "
+            f"${report.replayed_cost_usd:.6f}"
+        )
 
 
 def main() -> None:

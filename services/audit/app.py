@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import structlog
-from prometheus_client import Counter, Histogram
 
 from stratamesh.audit.chain import Entry
 from stratamesh.audit.store import AuditStore, chain_name, is_transient, now_ms
@@ -58,10 +57,10 @@ from stratamesh.bus.service import Service
 from stratamesh.bus.topics import TOPICS, dlq_of
 from stratamesh.config import Settings
 from stratamesh.errors import FailureClass
-from stratamesh.obs.metrics import REGISTRY
 from stratamesh.security.keys import Keyring, SigningKey, load_signing_key
 from stratamesh.stores.idempotency import IdempotencyStore
 
+from .metrics import audit_metrics
 from .records import entry_of_event, entry_of_rejected
 
 __all__ = ["SERVICE", "AuditPipeline", "AuditService", "build_service", "service"]
@@ -70,36 +69,6 @@ log = structlog.get_logger("stratamesh.audit")
 
 SERVICE: Final = "audit"
 _MAX_BACKOFF_S: Final = 30.0
-
-RECORDS = Counter(
-    "strata_audit_records",
-    "Audit records appended, by topic and status (ok, rejected)",
-    ["topic", "status"],
-    registry=REGISTRY,
-)
-DUPLICATES = Counter(
-    "strata_audit_duplicates",
-    "Redelivered events the audit store already held",
-    ["topic"],
-    registry=REGISTRY,
-)
-APPEND_SECONDS = Histogram(
-    "strata_audit_append_seconds",
-    "One batch append (chain, seal, transaction), seconds",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
-    registry=REGISTRY,
-)
-STALLED = Counter(
-    "strata_audit_append_failures",
-    "Failed batch appends (retried until the database takes them)",
-    registry=REGISTRY,
-)
-BILLED_USD = Counter(
-    "strata_audit_billed_usd",
-    "Cost booked in the ledger, USD, by tenant and model",
-    ["tenant", "model"],
-    registry=REGISTRY,
-)
 
 
 class _NoMarks:
@@ -164,7 +133,7 @@ class AuditPipeline(Pipeline):
                 raise  # the partition was revoked: its next owner gets the batch again
             except Exception as exc:
                 failures += 1
-                STALLED.inc()
+                audit_metrics().append_failures.inc()
                 delay = min(self.backoff.delay(failures), _MAX_BACKOFF_S)
                 log.warning(
                     "audit append failed, retrying",
@@ -264,13 +233,14 @@ class AuditService(Service):
         first = entries[0]
         started = time.perf_counter()
         result = await store.append(chain_name(first.topic, first.kafka_partition), entries)
-        APPEND_SECONDS.observe(time.perf_counter() - started)
+        m = audit_metrics()
+        m.append_seconds.observe(time.perf_counter() - started)
         if result.duplicates:
-            DUPLICATES.labels(first.topic).inc(result.duplicates)
+            m.duplicates.labels(first.topic).inc(result.duplicates)
         for e in result.recorded:
-            RECORDS.labels(e.topic, e.status.split(":", 1)[0]).inc()
+            m.records.labels(e.topic, e.status.split(":", 1)[0]).inc()
             if e.billed:
-                BILLED_USD.labels(e.tenant, e.model).inc(e.cost_usd)
+                m.billed_usd.labels(e.tenant, e.model).inc(e.cost_usd)
 
     async def _prune_loop(self, settings: Settings) -> None:
         interval = settings.audit.prune_interval_s
