@@ -41,3 +41,8 @@ class ConsensusMetrics(MetricGroup):
 
 def consensus_metrics(registry: CollectorRegistry = REGISTRY) -> ConsensusMetrics:
     return metric_group(ConsensusMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+consensus_metrics()

@@ -36,3 +36,8 @@ class EmbedMetrics(MetricGroup):
 def embed_metrics(registry: CollectorRegistry = REGISTRY) -> EmbedMetrics:
     """The one :class:`EmbedMetrics` of ``registry`` (created and registered on first use)."""
     return metric_group(EmbedMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+embed_metrics()

@@ -39,3 +39,8 @@ class GuardMetrics(MetricGroup):
 
 def guard_metrics(registry: CollectorRegistry = REGISTRY) -> GuardMetrics:
     return metric_group(GuardMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+guard_metrics()

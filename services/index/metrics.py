@@ -28,3 +28,8 @@ class IndexMetrics(MetricGroup):
 
 def index_metrics(registry: CollectorRegistry = REGISTRY) -> IndexMetrics:
     return metric_group(IndexMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+index_metrics()

@@ -44,3 +44,8 @@ class InferMetrics(MetricGroup):
 
 def infer_metrics(registry: CollectorRegistry = REGISTRY) -> InferMetrics:
     return metric_group(InferMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+infer_metrics()

@@ -26,3 +26,8 @@ class JudgeMetrics(MetricGroup):
 
 def judge_metrics(registry: CollectorRegistry = REGISTRY) -> JudgeMetrics:
     return metric_group(JudgeMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+judge_metrics()

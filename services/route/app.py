@@ -250,7 +250,7 @@ class RouteService(Service):
         else:
             route_metrics().refused.labels(refusal.kind).inc()
         # debug: under overload this line would be written once per shed request.
-        log.debug("request refused", status=refusal.status, kind=refusal.kind, lane=lane)
+        ctx.log.debug("request refused", status=refusal.status, kind=refusal.kind, lane=lane)
         ctx.publish(
             RequestCompleted.derive(
                 event,
@@ -308,6 +308,7 @@ class RouteService(Service):
             ),
         )
         ctx.publish(routed, next_stage=Stage.GUARD_OUT)
+        ctx.log.debug("request served from cache", kind=hit.kind, lane=lane)
 
     def _route(
         self,
@@ -347,7 +348,7 @@ class RouteService(Service):
             ),
             cache_hit=None,
         )
-        log.debug("request routed", rule=d.rule, tier=d.tier.value, slip=_stages(d.slip))
+        ctx.log.debug("request routed", rule=d.rule, tier=d.tier.value, slip=_stages(d.slip))
         ctx.publish(routed, next_stage=d.slip.next_stage)
 
     # -- results ------------------------------------------------------------------------

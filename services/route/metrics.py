@@ -54,3 +54,8 @@ class RouteMetrics(MetricGroup):
 
 def route_metrics(registry: CollectorRegistry = REGISTRY) -> RouteMetrics:
     return metric_group(RouteMetrics, registry)
+
+
+# Registered at import, like module-level prometheus_client metrics: /metrics lists every
+# family of the services a process loaded from the start.
+route_metrics()

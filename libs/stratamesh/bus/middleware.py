@@ -118,7 +118,6 @@ class Context:
         self.envelope = envelope
         self.attempt = attempt
         self.outputs: list[OutRecord] = []
-        self.log = log
         # The consumer span's context when spans are exported (outputs become its children).
         self.trace_out: TraceContext | None = None
         # Results published by this handling, counted once it succeeded.
@@ -127,6 +126,26 @@ class Context:
     @property
     def service(self) -> str:
         return self._pipeline.service
+
+    @property
+    def log(self) -> Any:
+        """A logger bound to this record's identifiers.
+
+        The middleware binds them for a handler of one record; a batched handler gets one
+        log context for the whole batch, so per-record lines go through ``ctx.log``.
+        """
+        env = self.envelope
+        ids = {
+            "service": self._pipeline.service,
+            "event_type": env.event_type,
+            "event_id": env.event_id,
+            "request_id": env.request_id,
+            "doc_id": env.doc_id,
+            "trace_id": env.trace_id,
+            "tenant": env.tenant,
+            "topic": self.record.topic,
+        }
+        return log.bind(**{k: v for k, v in ids.items() if v is not None})
 
     @property
     def tenant(self) -> str:

@@ -2,7 +2,13 @@
 
 Context is bound per record with :func:`bind_record` (contextvars), so every line a handler
 logs carries it without passing a logger around.  Values that may hold prompts, answers or
-PII are never bound here; services log ids, never payloads.
+PII are never bound here; services log ids, never payloads (tests/integration/
+test_log_privacy.py runs the request plane at DEBUG with PII in the prompts to prove it).
+
+Every line has the same keys — ``service``, ``event``, ``request_id`` (or ``doc_id``),
+``trace_id``, ``tenant`` — null when a line is about no record (start-up, rebalances), so a
+log pipeline can index them without guessing.  Lines of libraries logging through the
+standard library (aiokafka, httpx …) are rendered the same way, with the same context.
 """
 
 from __future__ import annotations
@@ -33,12 +39,34 @@ def _merge_record(
     return event_dict
 
 
+def _ensure_keys(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in ("service", "trace_id", "tenant"):
+        event_dict.setdefault(key, None)
+    if "request_id" not in event_dict and "doc_id" not in event_dict:
+        event_dict["request_id"] = None
+    return event_dict
+
+
+class _StdlibHandler(logging.Handler):
+    """The root handler configure_logging installs (replaced, not stacked, on reuse).
+
+    Writes to whatever ``sys.stderr`` is at the time, like the structlog lines.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(
     level: str = "INFO", *, json: bool = True, service: str | None = None
 ) -> None:
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         _merge_record,
+        _ensure_keys,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -47,14 +75,35 @@ def configure_logging(
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Libraries' stdlib records through the same chain, to the same stream.
+    handler = _StdlibHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                *processors,
+                structlog.stdlib.ExtraAdder(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries' INFO (aiokafka's group chatter) is noise beside the mesh's own lines: they
+    # speak from WARNING up, or at DEBUG when everything is asked for.
+    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    # aiokafka's DEBUG dumps whole protocol requests and responses, record values (prompts,
+    # answers) included: never below INFO, whatever level the mesh logs at.
+    logging.getLogger("aiokafka").setLevel(max(numeric, logging.INFO))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
 

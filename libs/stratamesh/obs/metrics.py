@@ -330,6 +330,11 @@ def result_metrics(registry: CollectorRegistry = REGISTRY) -> ResultMetrics:
     return metric_group(ResultMetrics, registry)
 
 
+# Registered at import: the bus and result families are exported from the start.
+bus_metrics()
+result_metrics()
+
+
 def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY, addr: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` from a background thread."""
     start_http_server(port, addr=addr, registry=registry)

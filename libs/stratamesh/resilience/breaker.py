@@ -257,3 +257,7 @@ def breaker_metrics(registry: CollectorRegistry = REGISTRY) -> None:
     if id(registry) not in _registered:
         registry.register(_BreakerCollector())
         _registered.add(id(registry))
+
+
+# Registered at import: the breaker families are exported (empty) before any breaker exists.
+breaker_metrics()
