@@ -32,9 +32,7 @@ _RANGE = re.compile(r"\[[^\]]*\]")
 _GROUPING = re.compile(
     r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", re.IGNORECASE
 )
-_SELECTOR = re.compile(
-    r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])\s*(\{[^}]*\})?(?!\s*\()"
-)
+_SELECTOR = re.compile(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])\s*(\{[^}]*\})?(?!\s*\()")
 _MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -112,8 +110,8 @@ def known() -> dict[str, set[str]]:
 
 def test_the_parser_finds_metrics_and_labels_and_ignores_functions_strings_and_numbers() -> None:
     q = parse(
-        'histogram_quantile(0.95, sum by (le, stage) (rate(strata_stage_seconds_bucket{stage=~"a|b",'
-        ' job!="x"}[5m]))) > 1e-3 and on (stage) strata_results_total offset 5m'
+        "histogram_quantile(0.95, sum by (le, stage) (rate(strata_stage_seconds_bucket"
+        '{stage=~"a|b", job!="x"}[5m]))) > 1e-3 and on (stage) strata_results_total offset 5m'
     )
     assert q.selectors == [
         ("strata_stage_seconds_bucket", {"stage", "job"}),
