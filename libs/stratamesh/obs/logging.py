@@ -100,10 +100,11 @@ def configure_logging(
     root.addHandler(handler)
     # Libraries' INFO (aiokafka's group chatter) is noise beside the mesh's own lines: they
     # speak from WARNING up, or at DEBUG when everything is asked for.
-    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+    libraries = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+    root.setLevel(libraries)
     # aiokafka's DEBUG dumps whole protocol requests and responses, record values (prompts,
     # answers) included: never below INFO, whatever level the mesh logs at.
-    logging.getLogger("aiokafka").setLevel(max(numeric, logging.INFO))
+    logging.getLogger("aiokafka").setLevel(max(libraries, logging.INFO))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
 
