@@ -950,8 +950,9 @@ def audit_verify(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Check every hash chain of the audit trail (or a range of one) and name each record
-    that was altered, removed, inserted or reordered.
+    """Check the audit trail's hash chains; name each altered, removed, inserted or moved record.
+
+    Checks every chain, or a range of one.
 
     Each record's content must hash to its stored hash, link to the previous record's hash
     and carry a valid seal (an Ed25519 signature of the audit service over its batch); each
@@ -1001,9 +1002,11 @@ def audit_trace(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's records")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the steps as JSON")] = False,
 ) -> None:
-    """A request's full path from its audit records: every stage in event time, its
-    producer, model and template versions, guard verdicts, votes, judge scores, tokens,
-    cost and per-stage latencies (never the prompt or answer text)."""
+    """A request's full path, stage by stage, from its audit records.
+
+    Every stage in event time: its producer, model and template versions, guard verdicts,
+    votes, judge scores, tokens, cost and per-stage latencies (never the prompt or answer
+    text)."""
     from stratamesh.audit.trace import request_trace
 
     settings = _settings(need_broker=False)
@@ -1057,9 +1060,10 @@ def audit_prune(
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="really delete (default: dry run)")] = False,
 ) -> None:
-    """Delete records older than the retention window, per chain, leaving a signed anchor
-    (the last pruned record's position and hash) so the rest still verifies.  Needs the
-    audit key (STRATA_AUDIT__IDENTITY, default `audit`)."""
+    """Delete records older than the retention window; the rest still verifies.
+
+    Per chain, a signed anchor (the last pruned record's position and hash) replaces the
+    pruned records.  Needs the audit key (STRATA_AUDIT__IDENTITY, default `audit`)."""
     import sqlalchemy as sa
 
     from stratamesh.audit.schema import records
@@ -1113,8 +1117,9 @@ def audit_erase(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Erase a person (a data subject of a tenant): delete the mappings that turn their
-    pseudonyms back into their values, and record the erasure in the audit trail.
+    """Erase a person: delete the mappings from their pseudonyms back to their values.
+
+    A person is a data subject of a tenant; the erasure is recorded in the audit trail.
 
     The trail itself never holds values or pseudonyms, so it stays intact and verifiable.
     Values are turned into pseudonyms with guard's secret (STRATA_GUARD__SECRET or
