@@ -162,12 +162,17 @@ def run(
     ] = None,
     shadow: Annotated[bool, typer.Option(help="consume and produce shadow.<topic>")] = False,
     bootstrap: Bootstrap = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve /metrics here (or STRATA_METRICS_PORT)")
+    ] = None,
 ) -> None:
     """Run one service until Ctrl-C (its key must exist: `strata keys gen NAME`)."""
     from stratamesh.embedded.registry import load_service
     from stratamesh.obs.logging import configure_logging
 
     settings = _settings(bootstrap)
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     configure_logging(settings.log_level, json=settings.log_json, service=name)
     svc = load_service(name)
     if identity or shadow:  # the same handlers and lifecycle hooks, another identity
