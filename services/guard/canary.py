@@ -12,34 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
-import secrets
-from pathlib import Path
 
-from stratamesh.config import Settings
-from stratamesh.security.pseudonym import derive_key
+from stratamesh.security.pseudonym import derive_key, load_guard_secret
 
 __all__ = ["CanaryMinter", "load_guard_secret"]
-
-_SECRET_FILE = "guard.secret"
-
-
-def load_guard_secret(settings: Settings) -> bytes:
-    """``STRATA_GUARD__SECRET``, else ``HOME/keys/guard.secret`` (created once, mode 0600)."""
-    if settings.guard.secret is not None:
-        return settings.guard.secret.get_secret_value().encode("utf-8")
-    path = Path(settings.keys_dir) / _SECRET_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text("ascii").strip().encode("ascii")
-    value = secrets.token_hex(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-    return value.encode("ascii")
-
 
 _SEPARATORS = re.compile(r"[\s\-_.·`'\"*]")
 

@@ -23,9 +23,13 @@ from stratamesh.events import (
     new_event_id,
 )
 from stratamesh.events.testing import sample_event
-from stratamesh.security.pseudonym import Pseudonymiser, RedisMappingStore, derive_key
+from stratamesh.security.pseudonym import (
+    Pseudonymiser,
+    RedisMappingStore,
+    derive_key,
+    load_guard_secret,
+)
 from stratamesh.services.guard.app import build_service
-from stratamesh.services.guard.canary import load_guard_secret
 from stratamesh.stores.redis import open_redis
 from tests.integration.conftest import Env
 from tests.integration.test_bus import read_all

@@ -40,37 +40,30 @@ from stratamesh.security.pseudonym import (
     Pseudonymiser,
     RedisMappingStore,
     derive_key,
+    load_guard_secret,
 )
 from stratamesh.stores.redis import open_redis
 
 __all__ = [
     "ERASURES_TOPIC",
     "ERASURE_EVENT",
-    "GUARD_SECRET_FILE",
     "Erasure",
     "erase",
     "guard_secret",
     "pseudonyms_of",
 ]
 
-# Where guard keeps its generated secret (services/guard/canary.py writes it).
-GUARD_SECRET_FILE: Final = "guard.secret"
 # The pseudo-topic of erasure records in the audit trail (no Kafka topic of that name).
 ERASURES_TOPIC: Final = "audit.erasures"
 ERASURE_EVENT: Final = "PseudonymsErased"
 
 
 def guard_secret(settings: Settings) -> bytes:
-    """Guard's secret, read-only: ``STRATA_GUARD__SECRET``, else ``KEYS/guard.secret``."""
-    if settings.guard.secret is not None:
-        return settings.guard.secret.get_secret_value().encode("utf-8")
-    path = settings.keys_dir / GUARD_SECRET_FILE
-    if not path.exists():
-        raise ConfigError(
-            f"no guard secret at {path}: run this where guard runs (same STRATA_HOME) or set "
-            "STRATA_GUARD__SECRET to guard's secret; or pass the pseudonyms with --pseudonym"
-        )
-    return path.read_text("ascii").strip().encode("ascii")
+    """Guard's secret, read-only (never created here: a new one would match nothing)."""
+    try:
+        return load_guard_secret(settings, create=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; or pass the pseudonyms with --pseudonym") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
+import secrets
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
 
 import redis.asyncio as aioredis
 
+from stratamesh.errors import ConfigError
 from stratamesh.stores.keys import PSEUDONYMS
 
+if TYPE_CHECKING:
+    from stratamesh.config import Settings
+
 __all__ = [
+    "GUARD_SECRET_FILE",
     "PSEUDONYM_PATTERN",
     "MappingStore",
     "MemoryMappingStore",
@@ -36,12 +44,40 @@ __all__ = [
     "Span",
     "canonical",
     "derive_key",
+    "load_guard_secret",
 ]
 
 PSEUDONYM_PATTERN: Final = re.compile(r"<([A-Z][A-Z_]{0,30})_([0-9a-f]{10})>")
 _DIGITS_ONLY: Final = frozenset({"CREDIT_CARD", "PHONE_NUMBER", "US_SSN"})
 _ALNUM_UPPER: Final = frozenset({"IBAN_CODE", "US_DRIVER_LICENSE", "ZIP_CODE"})
 _SPACE = re.compile(r"\s+")
+
+# guard's generated secret (pseudonym and canary keys), beside the identities' keys.
+GUARD_SECRET_FILE: Final = "guard.secret"
+
+
+def load_guard_secret(settings: Settings, *, create: bool = True) -> bytes:
+    """``STRATA_GUARD__SECRET``, else ``KEYS/guard.secret`` — created once (mode 0600) by
+    guard; a reader that is not guard (``create=False``) gets a ConfigError saying where."""
+    if settings.guard.secret is not None:
+        return settings.guard.secret.get_secret_value().encode("utf-8")
+    path = Path(settings.keys_dir) / GUARD_SECRET_FILE
+    if not create:
+        if not path.exists():
+            raise ConfigError(
+                f"no guard secret at {path}: run this where guard runs (same STRATA_HOME) or "
+                "set STRATA_GUARD__SECRET to guard's secret"
+            )
+        return path.read_text("ascii").strip().encode("ascii")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text("ascii").strip().encode("ascii")
+    value = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value.encode("ascii")
 
 
 def derive_key(secret: bytes, purpose: str) -> bytes:
