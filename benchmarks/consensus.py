@@ -404,9 +404,9 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 def spawn_consensus(
-    settings: Settings, scope: str, log: Path, profile: Path | None
+    settings: Settings, scope: str, log: Path, profile: Path | None, extra: dict[str, str]
 ) -> psutil.Popen:
-    env = {**_env(settings), "STRATA_CONSENSUS__KEY_SCOPE": scope}
+    env = {**_env(settings), "STRATA_CONSENSUS__KEY_SCOPE": scope, **extra}
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
     return psutil.Popen(
         [*prefix, "-m", "stratamesh.cli", "run", "consensus"],
@@ -677,7 +677,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await create_topic(settings, name, PARTITIONS)
         ensure_dev_keys(settings, ["consensus", *(replica_name(k) for k in range(1, REPLICAS + 1))])
         log = home / "consensus.log"
-        consensus = spawn_consensus(settings, f"bench-{uuid.uuid4().hex[:8]}:", log, args.profile)
+        scope = f"bench-{uuid.uuid4().hex[:8]}:"
+        extra = dict(kv.split("=", 1) for kv in args.consensus_env)
+        consensus = spawn_consensus(settings, scope, log, args.profile, extra)
         progress(f"consensus: pid {consensus.pid}, log {log}")
         relay_proc = spawn_relay(settings)
         await reader.start()
@@ -760,6 +762,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "context_chunks": args.context_chunks,
             "chunk_chars": args.chunk_chars,
             "candidate_bytes": len(hop_template.value or b""),
+            "consensus_env": args.consensus_env,
         },
         "driver_send_late_p99_ms": ms(lags, 0.99) if lags else 0.0,
         "duplicate_outcomes": reader.duplicates,
@@ -810,6 +813,13 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="use this broker instead of an embedded one")
     parser.add_argument(
         "--profile", type=Path, help="run consensus under cProfile, stats written here"
+    )
+    parser.add_argument(
+        "--consensus-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the consensus process (repeatable)",
     )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument(

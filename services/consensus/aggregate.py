@@ -52,7 +52,7 @@ from .outcomes import (
 from .policy import PolicyError, VotePolicy, replica_slot
 from .quorum import Ballot, Outcome, Reason, Tally, tally
 from .registry import ReplicaRegistry
-from .state import DONE, SLOT_TAKEN, ConsensusState, Snapshot
+from .state import DONE, ConsensusState, Snapshot
 
 __all__ = ["TIMER", "Consensus", "Sink"]
 
@@ -84,10 +84,23 @@ def _ballot(seq: int, raw: dict[str, Any]) -> Ballot:
     )
 
 
-def _voted(snap: Snapshot) -> list[Voted]:
+def _ballots(snap: Snapshot) -> list[Ballot]:
+    return [_ballot(seq, raw) for seq, raw in sorted(snap.ballots.items())]
+
+
+def _voted(
+    snap: Snapshot, ballots: Sequence[Ballot], known: dict[int, CandidateAnswer] | None = None
+) -> list[Voted]:
+    """The ballots with their candidates: the stored JSON parsed, except for ``known``
+    (seq → the event whose JSON this very handler stored at that seq)."""
+    known = known or {}
     return [
-        Voted(_ballot(seq, raw), CandidateAnswer.model_validate_json(raw["candidate"]))
-        for seq, raw in sorted(snap.ballots.items())
+        Voted(
+            b,
+            known.get(b.seq)
+            or CandidateAnswer.model_validate_json(snap.ballots[b.seq]["candidate"]),
+        )
+        for b in ballots
     ]
 
 
@@ -146,7 +159,7 @@ class Consensus:
         """Load the embedding model now (before the consumer takes partitions)."""
         _, equivalence = self._ready()
         if self.cfg.warm_embedder:
-            await equivalence.embedder.embed(["warm up"])
+            await equivalence.warm()
 
     def state(self, namespace: str = "") -> ConsensusState:
         found = self._states.get(namespace)
@@ -181,8 +194,9 @@ class Consensus:
         namespace = SHADOW_PREFIX if ctx.record.topic.startswith(SHADOW_PREFIX) else ""
         state = self.state(namespace)
         key = state.key(event.tenant, event.request_id, event.revision_round)
+        snap = await state.load(key)
+        mine: dict[int, CandidateAnswer] = {}  # the ballot this handler stored: seq → event
         for _ in range(3):  # a lost race for a slot is re-judged against the new state
-            snap = await state.load(key)
             if snap.outcome is not None:
                 self._after_outcome(snap.outcome, ctx)
                 return
@@ -190,7 +204,7 @@ class Consensus:
                 break  # a redelivery: the ballot is stored, finish what the crash cut short
             ballot, slot, policy = await self._judge(event, ctx, snap)
             now = now_ms()
-            seq = await state.add(
+            seq, after = await state.add(
                 key,
                 ballot,
                 slot=slot,
@@ -198,13 +212,15 @@ class Consensus:
                 open_ms=now,
                 close_ms=self._close_ms(event, now),
             )
-            if seq == SLOT_TAKEN:
-                continue
-            if seq == DONE:
+            if after is None:  # SLOT_TAKEN
                 snap = await state.load(key)
+                continue
+            snap = after  # read with the store, atomically: the state this ballot joined
+            if seq == DONE:
                 assert snap.outcome is not None
                 self._after_outcome(snap.outcome, ctx)
                 return
+            mine[seq] = event
             if ballot["reason"] is not None:
                 self.metrics.rejected.labels(ballot["reason"], ballot["replica"]).inc()
                 log.warning(
@@ -214,9 +230,13 @@ class Consensus:
                     producer=ctx.envelope.producer,
                 )
             break
-        snap = await state.load(key)
         emissions = await self._evaluate(
-            state, snap, trigger=ctx.event_id, producer=ctx.service, started=started
+            state,
+            snap,
+            trigger=ctx.event_id,
+            producer=ctx.service,
+            started=started,
+            known=mine,
         )
         for e in emissions:
             ctx.publish(e.event, next_stage=e.next_stage, deadline_ms=e.deadline_ms)
@@ -302,23 +322,28 @@ class Consensus:
         trigger: str,
         producer: str,
         started: float | None = None,
+        known: dict[int, CandidateAnswer] | None = None,
     ) -> list[Emission]:
-        """The outcome's events when ``trigger`` ended the vote now; [] otherwise."""
+        """The outcome's events when ``trigger`` ended the vote now; [] otherwise.
+        ``known``: candidates in hand by seq (the trigger's own, not parsed back)."""
         if snap.policy is None:
             return []  # no valid ballot yet: only the window's end can settle it
         policy = VotePolicy.from_params(snap.policy)
-        voted = _voted(snap)
-        result = tally(policy, [v.ballot for v in voted])
+        ballots = _ballots(snap)
+        result = tally(policy, ballots)  # the ballots suffice: candidates only for an outcome
         if result.outcome is Outcome.PENDING:
             return []
+        voted = _voted(snap, ballots, known)
         kind, emissions = self._outcome(
             policy, result, voted, snap, producer, window_closed=False, started=started
         )
-        stored = await state.finalise(snap.key, stored_outcome(trigger, kind, emissions))
+        outcome = stored_outcome(trigger, kind, emissions)
+        stored = await state.finalise(snap.key, outcome)
         if stored["trigger"] != trigger:
             return []
         self._count(policy, kind, snap)
-        return emissions_of(stored)
+        # Written now: these very events (what was stored is their JSON); else the stored.
+        return emissions if stored is outcome else emissions_of(stored)
 
     def _outcome(
         self,
@@ -424,8 +449,9 @@ class Consensus:
                     continue
                 if snap.outcome is None:
                     policy = VotePolicy.from_params(snap.policy) if snap.policy else None
-                    voted = _voted(snap)
-                    result = tally(policy, [v.ballot for v in voted]) if policy else None
+                    ballots = _ballots(snap)
+                    voted = _voted(snap, ballots)
+                    result = tally(policy, ballots) if policy else None
                     kind, emissions = self._outcome(
                         policy, result, voted, snap, producer, window_closed=True
                     )

@@ -43,7 +43,9 @@ from typing import Final
 
 import numpy as np
 
-from stratamesh.models.embedders import Embedder, Vectors
+from stratamesh.models.embedders import Embedder, LocalEmbedder, Vectors
+
+from .embedding import model_thread
 
 __all__ = ["AnswerKey", "Equivalence", "canonical_json", "key_of", "normalise"]
 
@@ -112,8 +114,9 @@ def key_of(answer: str, structured: str | None) -> AnswerKey:
 
 
 class Equivalence:
-    """Assigns answers to classes; embeds (through a shared, coalescing embedder) only the
-    pairs that normalisation and the guards leave undecided."""
+    """Assigns answers to classes; embeds only the pairs that normalisation and the guards
+    leave undecided (a local model on consensus's own model thread, see :mod:`.embedding`;
+    a remote one through its client)."""
 
     def __init__(self, embedder: Callable[[], Embedder], threshold: float) -> None:
         self._embedder_factory = embedder
@@ -130,10 +133,20 @@ class Equivalence:
     def describe(self) -> str:
         return f"canonical-json|normalised-text+minilm-cosine>={self.threshold:g}"
 
+    async def _model(self, texts: Sequence[str]) -> Vectors:
+        embedder = self.embedder
+        if isinstance(embedder, LocalEmbedder):  # its own thread: see .embedding
+            return await model_thread(embedder).embed(texts)
+        return await embedder.embed(texts)
+
+    async def warm(self) -> None:
+        """Load the model (and start consensus's model thread) now."""
+        await self._model(["warm up"])
+
     async def _embed(self, texts: Sequence[str]) -> dict[str, Vectors]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if missing:
-            vectors = await self.embedder.embed(missing)
+            vectors = await self._model(missing)
             for text, vec in zip(missing, vectors, strict=True):
                 self._vectors[text] = vec
                 if len(self._vectors) > _CACHE_SIZE:
@@ -146,25 +159,24 @@ class Equivalence:
 
     async def assign(self, new: AnswerKey, classes: Sequence[tuple[int, AnswerKey]]) -> int | None:
         """The first class (``(id, first member's key)``, in order) ``new`` is equivalent
-        to; None when it founds a class of its own."""
+        to; None when it founds a class of its own.  Embeds only what that needs: the
+        classes before the first one the cheap checks already match."""
         undecided: list[tuple[int, AnswerKey]] = []
-        verdicts: dict[int, bool] = {}
+        matched: int | None = None
         for klass, rep in classes:
             verdict = new.cheap_verdict(rep)
             if verdict is None:
                 undecided.append((klass, rep))
-            else:
-                verdicts[klass] = verdict
-        if undecided:
+            elif verdict:
+                matched = klass  # later classes cannot come first
+                break
+        if undecided:  # all before `matched`, in order
             vectors = await self._embed([new.clean, *[rep.clean for _, rep in undecided]])
             mine = vectors[new.clean]
             for klass, rep in undecided:
-                cosine = float(np.dot(mine, vectors[rep.clean]))
-                verdicts[klass] = cosine >= self.threshold
-        for klass, _ in classes:
-            if verdicts[klass]:
-                return klass
-        return None
+                if float(np.dot(mine, vectors[rep.clean])) >= self.threshold:
+                    return klass
+        return matched
 
     async def similarity(self, a: str, b: str) -> float:
         """Cosine of the two texts' embeddings (for tests and tuning the threshold)."""

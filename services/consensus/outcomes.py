@@ -147,8 +147,10 @@ def _representative(members: Sequence[Voted]) -> Voted:
         )
         return hashlib.sha256(raw.encode()).hexdigest()
 
-    counts = Counter(fingerprint(v) for v in members)
-    return min(members, key=lambda v: (-counts[fingerprint(v)], v.ballot.seq))
+    prints = [fingerprint(v) for v in members]  # once each: the contexts are the bulk
+    counts = Counter(prints)
+    best = min(range(len(members)), key=lambda i: (-counts[prints[i]], members[i].ballot.seq))
+    return members[best]
 
 
 def decision(

@@ -34,6 +34,7 @@ again: the same bytes and ids, which consumers' idempotency drops.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,10 +47,12 @@ __all__ = ["PREFIX", "ConsensusState", "Snapshot", "request_key"]
 PREFIX: Final = CONSENSUS
 
 _ADD = """
-if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
+  return {-1, redis.call('HGETALL', KEYS[1])}
+end
 if ARGV[1] ~= '' then
   local taken = redis.call('HGET', KEYS[1], 'slot:' .. ARGV[1])
-  if taken then return -2 end
+  if taken then return {-2, {}} end
 end
 if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'policy', ARGV[3]) end
 if redis.call('HSETNX', KEYS[1], 'open', ARGV[4]) == 1 then
@@ -60,15 +63,16 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'slot:' .. ARGV[1], seq) end
 redis.call('HSET', KEYS[1], 'b:' .. seq, ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-return seq
+return {seq, redis.call('HGETALL', KEYS[1])}
 """
 
 _FINAL = """
 if redis.call('HSETNX', KEYS[1], 'outcome', ARGV[1]) == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+  return {1, ''}
 end
-return redis.call('HGET', KEYS[1], 'outcome')
+return {0, redis.call('HGET', KEYS[1], 'outcome')}
 """
 
 _RELEASE = """
@@ -99,6 +103,29 @@ class Snapshot:
         return not self.ballots and self.outcome is None
 
 
+def _snapshot(key: str, fields: Iterable[tuple[Any, Any]]) -> Snapshot:
+    snap = Snapshot(key)
+    for k, v in fields:
+        name = k.decode() if isinstance(k, bytes) else k
+        if name.startswith("b:"):
+            snap.ballots[int(name[2:])] = json.loads(v)
+        elif name == "policy":
+            snap.policy = json.loads(v)
+        elif name == "open":
+            snap.open_ms = int(v)
+        elif name == "close":
+            snap.close_ms = int(v)
+        elif name == "outcome":
+            snap.outcome = json.loads(v)
+    return snap
+
+
+def _pairs(flat: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """HGETALL's reply inside a script: a flat list, field then value."""
+    it = iter(flat)
+    return zip(it, it, strict=True)
+
+
 class ConsensusState:
     def __init__(self, redis: aioredis.Redis, *, namespace: str = "", ttl_s: int = 86_400) -> None:
         self.redis = redis
@@ -114,20 +141,7 @@ class ConsensusState:
 
     async def load(self, key: str) -> Snapshot:
         raw = await self.redis.hgetall(key)
-        snap = Snapshot(key)
-        for k, v in raw.items():
-            name = k.decode() if isinstance(k, bytes) else k
-            if name.startswith("b:"):
-                snap.ballots[int(name[2:])] = json.loads(v)
-            elif name == "policy":
-                snap.policy = json.loads(v)
-            elif name == "open":
-                snap.open_ms = int(v)
-            elif name == "close":
-                snap.close_ms = int(v)
-            elif name == "outcome":
-                snap.outcome = json.loads(v)
-        return snap
+        return _snapshot(key, raw.items())
 
     async def add(
         self,
@@ -138,9 +152,11 @@ class ConsensusState:
         policy: dict[str, str] | None,
         open_ms: int,
         close_ms: int,
-    ) -> int:
-        """Store a ballot; its seq, or :data:`DONE` (an outcome exists) or
-        :data:`SLOT_TAKEN` (the slot already voted)."""
+    ) -> tuple[int, Snapshot | None]:
+        """Store a ballot: its seq and the request's state just after it was stored (read
+        in the same atomic step: no second round trip, and no other ballot in between), or
+        :data:`DONE` and the state with its outcome, or :data:`SLOT_TAKEN` and None (the
+        slot already voted)."""
         result = await self._add(
             keys=[key, self.due_key],
             args=[
@@ -153,15 +169,17 @@ class ConsensusState:
                 key,
             ],
         )
-        return int(result)
+        seq = int(result[0])
+        return seq, (None if seq == SLOT_TAKEN else _snapshot(key, _pairs(result[1])))
 
     async def finalise(
         self, key: str, outcome: dict[str, Any], *, settled: bool = True
     ) -> dict[str, Any]:
-        """Write ``outcome`` unless one exists; the stored one either way.  ``settled``
-        also removes the request from the due set (the sweeper does that itself, after
-        the broker acknowledged)."""
-        stored = await self._final(
+        """Write ``outcome`` unless one exists; the stored one either way (``outcome``
+        itself when it was written now: it is not sent back).  ``settled`` also removes the
+        request from the due set (the sweeper does that itself, after the broker
+        acknowledged)."""
+        written, stored = await self._final(
             keys=[key, self.due_key],
             args=[
                 json.dumps(outcome, separators=(",", ":")),
@@ -170,6 +188,8 @@ class ConsensusState:
                 "1" if settled else "0",
             ],
         )
+        if int(written) == 1:
+            return outcome
         result: dict[str, Any] = json.loads(stored)
         return result
 
