@@ -262,3 +262,22 @@ async def test_a_store_without_the_audit_key_cannot_append(audit_settings: Setti
             await s.append(CHAIN, entries(1))
     finally:
         await s.close()
+
+
+async def test_ranges_and_prunes_that_cut_a_sealed_batch_still_verify(store: AuditStore) -> None:
+    for start in range(0, 30, 10):  # three sealed batches of ten
+        batch = entries(10, start=start)
+        for e in batch:
+            e.recorded_ms = 1_000 + e.kafka_offset  # seq - 1
+        await store.append(CHAIN, batch)
+    for lo, hi in ((5, 25), (1, 30), (14, 14), (21, None)):
+        report = await store.verify(from_seq=lo, to_seq=hi)
+        assert report.ok, (lo, hi, report.findings)
+        assert report.records == (hi or 30) - lo + 1
+    [done] = await store.prune(older_than_ms=1_015)  # seq 1..15: the second batch is cut
+    assert done.anchor_seq == 15
+    report = await store.verify()
+    assert report.ok and report.records == 15
+    await sql(store, f"UPDATE {RECORDS_TABLE} SET tenant = 'x' WHERE seq = 17")
+    [f] = (await store.verify(from_seq=16, to_seq=20)).findings
+    assert (f.kind, f.seq) == (C.ALTERED, 17)

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from stratamesh.audit import chain as C
+from stratamesh.errors import SecurityError, SignatureError
 from stratamesh.security.keys import Keyring, SigningKey, generate_identity
-from stratamesh.security.signing import SignatureCache
+from stratamesh.security.signing import SignatureCache, sign_batch, verify_batch, verify_record
 
 CHAIN = "results/0"
 
@@ -198,3 +199,94 @@ def test_scan_pages_continue_from_the_last_hash(keys: tuple[SigningKey, Keyring]
         assert result.last_hash is not None
         prev = result.last_hash
     assert result.count == 20 and prev == head.hash
+
+
+# -- seals checked a batch at a time --------------------------------------------------------
+
+
+def scan_all(rows: list[list[Any]], keyring: Keyring, pages: int = 1) -> C.ScanResult:
+    """One Scanner over ``rows`` fed in ``pages`` pieces, as the store does."""
+    result = C.ScanResult()
+    scanner = C.Scanner(CHAIN, C.genesis(CHAIN), keyring, SignatureCache(), result)
+    size = -(-len(rows) // pages)
+    for start in range(0, len(rows), size):
+        if not scanner.feed(C.pack(r)[1:] for r in rows[start : start + size]):
+            return result
+    scanner.finish()
+    return result
+
+
+def test_whole_batches_are_proven_as_batches_even_across_pages(
+    keys: tuple[SigningKey, Keyring],
+) -> None:
+    key, keyring = keys
+    rows, head = build(key, 40, batch=8)
+    for pages in (1, 3, 7):
+        result = scan_all(rows, keyring, pages)
+        assert result.clean and result.count == 40 and result.last_hash == head.hash
+        assert (result.batches, result.singles) == (5, 0)
+
+
+def test_a_batch_cut_short_is_proven_record_by_record(keys: tuple[SigningKey, Keyring]) -> None:
+    key, keyring = keys
+    rows, head = build(key, 20, batch=7)
+    # What a prune in the middle of a batch (or a range starting there) leaves to check.
+    result = C.ScanResult()
+    after = rows[2][C.ROW_FIELDS.index("hash")]
+    scanner = C.Scanner(CHAIN, after, keyring, SignatureCache(), result)
+    assert scanner.feed(C.pack(r)[1:] for r in rows[3:]) and scanner.finish()
+    assert (result.count, result.batches, result.singles) == (17, 2, 1)
+    assert result.last_hash == head.hash
+
+
+def test_a_tampered_leaf_fails_only_its_batch_and_is_named(
+    keys: tuple[SigningKey, Keyring],
+) -> None:
+    key, keyring = keys
+    rows, head = build(key, 32, batch=8)
+    i = 31  # the last record (its link stays intact): content changed, hash recomputed
+    rows[i][C.ROW_FIELDS.index("cost_usd")] = 0.0
+    prev = rows[i][C.ROW_FIELDS.index("prev_hash")]
+    content = rows[i][2 : 2 + len(C.CONTENT_FIELDS)]
+    rows[i][C.ROW_FIELDS.index("hash")] = C.record_hash(prev, content)
+    result = scan_all(rows, keyring)
+    # Every link and content hash holds, but the last batch is no longer what was sealed:
+    # the three before it were proven whole, its records one by one up to the forged one.
+    assert not result.clean and (result.batches, result.singles) == (3, 1)
+    assert result.count == 31 and result.last_seq == 31
+    lights = C.lights(rows, keyring, SignatureCache())
+    [f] = C.diagnose(CHAIN, lights, C.Head(0, C.genesis(CHAIN)), None)  # the tail aside
+    assert (f.kind, f.record_id, f.seq) == (C.ALTERED, 32, 32) and "seal" in f.detail
+    assert head.seq == 32
+
+
+def test_verify_batch_accepts_exactly_the_batch_that_was_signed(
+    keys: tuple[SigningKey, Keyring],
+) -> None:
+    key, keyring = keys
+    for n in (1, 2, 3, 5, 8, 13, 64, 65):
+        leaves = [bytes([i % 256]) * 32 for i in range(n)]
+        seals = sign_batch(key, leaves)
+        verify_batch(keyring, "audit", leaves, seals)
+        if n > 1:  # a header kept elsewhere (the chain's head) is not needed
+            verify_batch(keyring, "audit", leaves, [*seals[:-1], None])
+            forged = [*leaves[:-1], b"\xee" * 32]
+            for bad_leaves, bad_seals in (
+                (forged, seals),  # a leaf changed
+                (leaves[1:], seals[1:]),  # a leaf missing
+                (leaves[::-1], seals[::-1]),  # order changed
+            ):
+                with pytest.raises(SignatureError):
+                    verify_batch(keyring, "audit", bad_leaves, bad_seals)
+            bent = bytearray(seals[0])
+            bent[-1] ^= 1  # one byte of one audit path
+            with pytest.raises(SignatureError):
+                verify_batch(keyring, "audit", leaves, [bytes(bent), *seals[1:]])
+        with pytest.raises(SecurityError):  # another producer's key
+            verify_batch(keyring, "guard", leaves, seals)
+    leaves = [bytes([i]) * 32 for i in range(9)]
+    seals = sign_batch(key, leaves)
+    cache = SignatureCache()
+    verify_batch(keyring, "audit", leaves, seals, cache)
+    for leaf, seal in zip(leaves, seals, strict=True):  # each still checkable on its own
+        verify_record(keyring, "audit", leaf, seal, cache)

@@ -19,11 +19,18 @@ shows up as broken links rather than as altered contents.
 the batch's record hashes plus a *head leaf* (:func:`head_leaf`: chain, seq and hash of
 the new head) are the leaves of a Merkle tree (:func:`stratamesh.security.signing.sign_batch`,
 the bus's batch signatures), so every record carries the signature and its own audit path
-and stays checkable on its own, while verification pays about one Ed25519 check per batch
-(:class:`~stratamesh.security.signing.SignatureCache` skips the rest).  The head leaf's seal
-is kept with the chain's head: removing records at the tail is detected too.
+and stays checkable on its own.  The head leaf's seal is kept with the chain's head:
+removing records at the tail is detected too.
 
-**Verification** (:func:`scan` then, only when something is wrong, :func:`diagnose`):
+**Verification** (:class:`Scanner`, or :func:`scan` for one call; then, only when something
+is wrong, :func:`diagnose`) checks every record's link and recomputes its hash from its
+stored fields; seals are checked a batch at a time: consecutive records under one signature
+plus the head leaf rebuilt from the last of them must be exactly a sealed batch
+(:func:`~stratamesh.security.signing.verify_batch`: one Ed25519 check, every record's seal
+compared with its expected bytes).  Whatever is not a whole batch (one cut by pruning or a
+range, or a tampered one) is checked record by record with
+:func:`~stratamesh.security.signing.verify_record`, so a chain is accepted exactly when
+every record's own seal verifies.  What is found wrong:
 - *altered* — a record's content no longer hashes to its stored hash, or its hash was
   rewritten and its seal no longer verifies;
 - *removed* — a record's ``prev`` is the hash of no record in the chain (its predecessor is
@@ -32,23 +39,38 @@ is kept with the chain's head: removing records at the tail is detected too.
   of another record;
 - *reordered* — a record whose links to both neighbours are broken while its predecessor
   exists elsewhere in the chain (a swap names both records).
+
+**Packed rows.**  The store reads records for verification as :data:`PACKED_FIELDS`: the
+content already joined by the database (``pre``: the fields before ``cost_usd``, ``post``:
+those after it, each rendered as its decimal or text form), and ``cost_usd`` — the one
+float — rendered here with ``str()`` as when it was hashed.  Fewer, larger values per row
+is what makes reading a chain cheap; :func:`pack` turns a :data:`ROW_FIELDS` row into the
+same form.
 """
 
 from __future__ import annotations
 
 import hashlib
+from binascii import hexlify
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from stratamesh.errors import SecurityError
 from stratamesh.security.keys import Keyring, SigningKey
-from stratamesh.security.signing import SignatureCache, sign_batch, verify_record
+from stratamesh.security.signing import (
+    SignatureCache,
+    sign_batch,
+    verify_batch,
+    verify_record,
+)
 
 __all__ = [
     "ALTERED",
     "CONTENT_FIELDS",
+    "COST_AT",
     "INSERTED",
+    "PACKED_FIELDS",
     "REMOVED",
     "REORDERED",
     "ROW_FIELDS",
@@ -56,6 +78,7 @@ __all__ = [
     "Finding",
     "Light",
     "ScanResult",
+    "Scanner",
     "anchor_leaf",
     "canonical",
     "clean",
@@ -63,10 +86,13 @@ __all__ = [
     "genesis",
     "head_leaf",
     "is_audit_signer",
+    "lights_packed",
     "link",
+    "pack",
     "record_hash",
     "scan",
     "seal",
+    "text_of",
 ]
 
 ALTERED: Final = "altered"
@@ -122,6 +148,22 @@ ROW_FIELDS: Final[tuple[str, ...]] = (
 _C0: Final = 2
 _C1: Final = _C0 + len(CONTENT_FIELDS)
 _PREV, _HASH, _SIGNER, _SEAL = _C1, _C1 + 1, _C1 + 2, _C1 + 3
+# The one float of the content: the database joins the fields before and after it.
+COST_AT: Final = CONTENT_FIELDS.index("cost_usd")
+# A record as the fast verification path reads it (see "Packed rows" above); prev and hash
+# as ASCII bytes, pre and post as UTF-8 bytes.
+PACKED_FIELDS: Final[tuple[str, ...]] = (
+    "seq",
+    "prev_hash",
+    "hash",
+    "signer",
+    "seal",
+    "pre",
+    "cost_usd",
+    "post",
+)
+_SEP_B: Final = _SEP.encode()
+_SEAL_HEAD: Final = 65  # version byte + Ed25519 signature: the same for a whole batch
 
 
 def clean(text: str) -> str:
@@ -275,6 +317,134 @@ class ScanResult:
     clean: bool = True
     last_seq: int | None = None
     last_hash: str | None = None
+    batches: int = 0  # groups of records proven as one sealed batch
+    singles: int = 0  # groups that were not a whole batch, proven record by record
+
+
+def pack(row: Sequence[Any]) -> tuple[Any, ...]:
+    """A :data:`ROW_FIELDS` row as ``(id, *PACKED_FIELDS)``, content rendered by ``str()``."""
+    content = row[_C0:_C1]
+    return (
+        row[0],
+        row[1],
+        str(row[_PREV]).encode(),
+        str(row[_HASH]).encode(),
+        row[_SIGNER],
+        row[_SEAL],
+        _SEP.join(map(str, content[:COST_AT])).encode(),
+        content[COST_AT],
+        _SEP.join(map(str, content[COST_AT + 1 :])).encode(),
+    )
+
+
+def text_of(value: Any) -> str:
+    """A text column as read: bytes (the fast readers) decoded one to one."""
+    # latin-1 maps bytes to text one to one: tampered, non-ASCII hashes stay distinct.
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+class Scanner:
+    """Checks a chain's :data:`PACKED_FIELDS` rows, in seq order, fed page by page.
+
+    Per record: its link, and one SHA-256 over its stored content.  Seals: the records of
+    one batch (same signer, same signature) are collected and, once the batch is complete,
+    proven together (see the module docstring); a batch may span pages.  ``chain`` names
+    the chain for its head leaves; without it every record's seal is checked on its own.
+    :meth:`feed` and :meth:`finish` return False at the first problem (then :func:`diagnose`
+    says what and where); ``result`` counts what was proven.
+    """
+
+    def __init__(
+        self,
+        chain: str | None,
+        prev: str,
+        keyring: Keyring,
+        cache: SignatureCache,
+        result: ScanResult,
+    ) -> None:
+        self.chain = chain
+        self.keyring = keyring
+        self.cache = cache
+        self.result = result
+        self._prev = prev.encode()
+        self._key: tuple[Any, bytes] | None = None
+        self._signer = ""
+        # (seq, hash, leaf, seal) of the batch being collected
+        self._group: list[tuple[int, bytes, bytes, bytes]] = []
+        if result.last_hash is None:
+            result.last_hash = prev
+
+    def feed(self, rows: Iterable[Sequence[Any]]) -> bool:
+        result = self.result
+        if not result.clean:
+            return False
+        sha = hashlib.sha256
+        domain, link, sep = _DOMAIN, _PREV_SEP, _SEP_B
+        prev, key, group = self._prev, self._key, self._group
+        add = group.append
+        try:
+            for seq, p, h, signer, seal, pre, cost, post in rows:
+                if p != prev:
+                    return self._fail()
+                digest = sha(b"".join((domain, p, link, pre, sep, str(cost).encode(), sep, post)))
+                leaf = digest.digest()
+                if hexlify(leaf) != h:
+                    return self._fail()
+                if (signer, seal[:_SEAL_HEAD]) != key:
+                    if group and not self._flush():
+                        return False
+                    key = (signer, seal[:_SEAL_HEAD])
+                    name = signer.decode() if isinstance(signer, bytes) else signer
+                    if not isinstance(name, str) or not is_audit_signer(name):
+                        return self._fail()
+                    self._key, self._signer = key, name
+                add((seq, h, leaf, seal))
+                prev = h
+        except (TypeError, ValueError):  # a field of the wrong type: it cannot be the original
+            return self._fail()
+        finally:
+            self._prev = prev
+        return True
+
+    def finish(self) -> bool:
+        """Prove the last batch collected (call after the last page)."""
+        if not self.result.clean:
+            return False
+        return not self._group or self._flush()
+
+    def _fail(self) -> bool:
+        self.result.clean = False
+        return False
+
+    def _flush(self) -> bool:
+        result, group, signer = self.result, self._group, self._signer
+        if self.chain is not None:
+            seq, h = group[-1][0], group[-1][1]
+            leaves = [g[2] for g in group]
+            leaves.append(head_leaf(self.chain, seq, h.decode()))
+            seals: list[bytes | None] = [g[3] for g in group]
+            seals.append(None)  # the head leaf's seal was kept with the head of that time
+            try:
+                verify_batch(self.keyring, signer, leaves, seals, self.cache)
+            except SecurityError:
+                pass
+            else:
+                result.batches += 1
+                result.count += len(group)
+                result.last_seq, result.last_hash = seq, h.decode()
+                group.clear()
+                return True
+        result.singles += 1
+        for seq, h, leaf, seal in group:
+            try:
+                verify_record(self.keyring, signer, leaf, seal, self.cache)
+            except (SecurityError, ValueError, TypeError):
+                group.clear()
+                return self._fail()
+            result.count += 1
+            result.last_seq, result.last_hash = seq, h.decode()
+        group.clear()
+        return True
 
 
 def scan(
@@ -283,46 +453,13 @@ def scan(
     keyring: Keyring,
     cache: SignatureCache,
     result: ScanResult,
+    chain: str | None = None,
 ) -> bool:
-    """Check rows (:data:`ROW_FIELDS`, in seq order) continuing after a record whose hash is
-    ``prev`` (``result.last_hash`` when called again for the next page).  Returns False at
-    the first problem (then :func:`diagnose` says what and where); True when all held.
-
-    The fast path of verification: per record one SHA-256 over the content, one string
-    comparison for the link and an audit-path walk that usually stops after one hash.
-    """
-    sha = hashlib.sha256
-    join = _SEP.join
-    domain, sep = _DOMAIN, _PREV_SEP
-    signers_ok: set[str] = set()
-    fromhex = bytes.fromhex
-    n = 0
-    for row in rows:
-        h = row[_HASH]
-        p = row[_PREV]
-        if p != prev:
-            result.clean = False
-            break
-        if sha(domain + p.encode() + sep + join(map(str, row[_C0:_C1])).encode()).hexdigest() != h:
-            result.clean = False
-            break
-        signer = row[_SIGNER]
-        if signer not in signers_ok:
-            if not is_audit_signer(signer):
-                result.clean = False
-                break
-            signers_ok.add(signer)
-        try:
-            verify_record(keyring, signer, fromhex(h), row[_SEAL], cache)
-        except (SecurityError, ValueError):
-            result.clean = False
-            break
-        prev = h
-        n += 1
-        result.last_seq = row[1]
-    result.count += n
-    result.last_hash = prev
-    return result.clean
+    """Check :data:`ROW_FIELDS` rows (in seq order) continuing after a record whose hash is
+    ``prev`` (``result.last_hash`` when called again for the next page): one
+    :class:`Scanner` run over them.  Returns False at the first problem."""
+    scanner = Scanner(chain, prev, keyring, cache, result)
+    return scanner.feed(pack(row)[1:] for row in rows) and scanner.finish()
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +491,32 @@ def lights(rows: Iterable[Sequence[Any]], keyring: Keyring, cache: SignatureCach
         else:
             seal_ok = check_seal(keyring, row[_SIGNER], leaf, row[_SEAL], cache)
         out.append(Light(row[0], row[1], p, h, content_ok, seal_ok))
+    return out
+
+
+def lights_packed(
+    rows: Iterable[Sequence[Any]], keyring: Keyring, cache: SignatureCache
+) -> list[Light]:
+    """The :class:`Light` of every ``(id, *PACKED_FIELDS)`` row: the same content check as
+    :class:`Scanner`, each seal checked on its own."""
+    out = []
+    sha = hashlib.sha256
+    for rid, seq, p, h, signer, seal, pre, cost, post in rows:
+        try:
+            message = b"".join(
+                (_DOMAIN, p, _PREV_SEP, pre, _SEP_B, str(cost).encode(), _SEP_B, post)
+            )
+            content_ok = hexlify(sha(message).digest()) == h
+        except TypeError:
+            content_ok = False
+        try:
+            leaf = bytes.fromhex(text_of(h))
+            name = signer.decode() if isinstance(signer, bytes) else signer
+        except ValueError:
+            seal_ok = False
+        else:
+            seal_ok = check_seal(keyring, name, leaf, seal, cache)
+        out.append(Light(rid, seq, text_of(p), text_of(h), content_ok, seal_ok))
     return out
 
 

@@ -25,13 +25,21 @@ from stratamesh.bus.headers import SIGNED_HEADERS
 from stratamesh.errors import SignatureError
 from stratamesh.security.keys import Keyring, SigningKey
 
-__all__ = ["MAX_BATCH", "SignatureCache", "leaf_hash", "sign_batch", "verify_record"]
+__all__ = [
+    "MAX_BATCH",
+    "SignatureCache",
+    "leaf_hash",
+    "sign_batch",
+    "verify_batch",
+    "verify_record",
+]
 
 _VERSION = 1
 _LEAF = b"\x00strata-leaf-v1"
 _NODE = b"\x01"
 _ROOT = b"strata-root-v1"
 _LEFT, _RIGHT = 0, 1
+_LEFT_STEP, _RIGHT_STEP = bytes([_LEFT]), bytes([_RIGHT])
 _SIG_LEN = 64
 _STEP = 33
 _LEN = struct.Struct(">I")
@@ -140,3 +148,62 @@ def verify_record(
         # Every node below a verified one is proven too: the batch's next record stops early.
         for n in path:
             cache.add(prefix + n)
+
+
+def verify_batch(
+    keyring: Keyring,
+    producer: str,
+    leaves: Sequence[bytes],
+    headers: Sequence[bytes | None],
+    cache: SignatureCache | None = None,
+) -> None:
+    """Raise :class:`SignatureError` unless ``leaves`` are, in order, *all* the leaves of one
+    batch ``producer`` signed with :func:`sign_batch` and every given header is exactly the
+    one :func:`sign_batch` produced for its leaf (``None``: that leaf's header is kept
+    elsewhere; at least one is given).
+
+    For a reader holding the whole batch: the root is rebuilt from the leaves (n - 1
+    hashes) and checked with one Ed25519 verification, and each header is compared with
+    its expected bytes instead of walking its audit path, so every header that passes here
+    also passes :func:`verify_record`.  Anything short of the whole batch, in order (a
+    batch cut by paging or pruning, a moved record), fails: fall back to
+    :func:`verify_record`, which proves records one by one.  With a ``cache`` a verified
+    root is remembered, so those per-record checks then stop at the root.
+    """
+    if not leaves or len(headers) != len(leaves):
+        raise SignatureError("a batch needs its leaves and one header (or None) per leaf")
+    signed = next((h for h in headers if h), None)
+    if signed is None:
+        raise SignatureError("record is not signed (no strata-signature header)")
+    if signed[0] != _VERSION or len(signed) < 1 + _SIG_LEN:
+        raise SignatureError("malformed strata-signature header")
+    head = signed[: 1 + _SIG_LEN]
+    sha = hashlib.sha256
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        nxt = [sha(_NODE + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=False)]
+        if len(level) % 2:  # an odd node is carried up unchanged
+            nxt.append(level[-1])
+        levels.append(nxt)
+    root = levels[-1][0]
+    # paths[j] = the audit path from node j of a level up to the root, built top-down: a
+    # pair of siblings shares the path above them, so each costs one concatenation a level.
+    paths = [b""]
+    for level in reversed(levels[:-1]):
+        below: list[bytes] = []
+        add = below.append
+        for left, right, above in zip(level[::2], level[1::2], paths, strict=False):
+            add(_RIGHT_STEP + right + above)
+            add(_LEFT_STEP + left + above)
+        if len(level) % 2:
+            add(paths[-1])
+        paths = below
+    for i, (header, path) in enumerate(zip(headers, paths, strict=True)):
+        if header is not None and header != head + path:
+            raise SignatureError(f"leaf {i} does not carry its batch's signature and audit path")
+    token = producer.encode() + b"\0" + root
+    if cache is None or not cache.check(token):
+        keyring.verify(producer, _ROOT + root, head[1:])
+        if cache is not None:
+            cache.add(token)
