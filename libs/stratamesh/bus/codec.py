@@ -35,8 +35,15 @@ from pydantic import ValidationError
 
 from stratamesh.errors import ConfigError, DecodeError, EncodeError, Transient
 from stratamesh.events import EVENT_TYPES, SOURCE_DIGEST, Event
-from stratamesh.events.avro import AvroDataError, CompiledSchema, compile_schema
+from stratamesh.events.avro import (
+    AvroDataError,
+    CompiledSchema,
+    NeedsValidation,
+    UnsupportedSchema,
+    compile_schema,
+)
 from stratamesh.events.compat import reader_problems
+from stratamesh.events.construct import model_binding
 from stratamesh.events.schemas import history_schemas, load_schema, source_digest
 
 if TYPE_CHECKING:
@@ -111,6 +118,16 @@ class _Reader:
     def compiled(self) -> CompiledSchema:
         """The fast path for data written with this very schema (compiled on first use)."""
         return compile_schema(self.schema)
+
+    @cached_property
+    def direct(self) -> CompiledSchema | None:
+        """A reader that builds the model itself, skipping ``model_validate`` (which would
+        re-check what the reader just did); None when the model validates beyond its Avro
+        types (:mod:`stratamesh.events.construct`)."""
+        try:
+            return compile_schema(self.schema, model_binding(self.cls, self.schema))
+        except UnsupportedSchema:
+            return None
 
 
 @cache
@@ -322,26 +339,35 @@ class Codec:
         cannot be reached to look up a schema id).
         """
         buf = data if isinstance(data, bytes) else bytes(data)
-        record: Any
+        record: Any = None
+        event: Event
         try:
             writer, offset = self._writer(buf)
-            if writer.resolve is None:
-                record, end = writer.reader.compiled.read(buf, offset, len(buf))
-            else:  # another version of the schema: fastavro resolves it against ours
+            reader = writer.reader
+            if writer.resolve is not None:
+                # Another version of the schema: fastavro resolves it against ours.
                 body = io.BytesIO(buf)
                 body.seek(offset)
                 record = schemaless_reader(body, writer.parsed, writer.resolve)
                 end = body.tell()
+            elif reader.direct is not None:
+                try:
+                    event, end = reader.direct.read(buf, offset, len(buf))
+                except NeedsValidation:  # e.g. a non-canonical uuid: pydantic decides
+                    record, end = reader.compiled.read(buf, offset, len(buf))
+            else:
+                record, end = reader.compiled.read(buf, offset, len(buf))
         except (DecodeError, Transient):
             raise
         except Exception as exc:
             raise DecodeError(_body_error(buf, exc)) from exc
-        reader = writer.reader
-        if end != len(data):
+        if end != len(buf):
             raise DecodeError(
-                f"{len(data) - end} trailing bytes after the {reader.event_type} body "
-                f"({len(data)} bytes in all)"
+                f"{len(buf) - end} trailing bytes after the {reader.event_type} body "
+                f"({len(buf)} bytes in all)"
             )
+        if record is None:
+            return event
         try:
             return reader.cls.model_validate(record)
         except ValidationError as exc:

@@ -7,7 +7,11 @@ compiled once):
   ``bytearray``, reading attributes directly (no ``model_dump``);
 - ``read(buf, pos, end)`` decodes one record from ``buf[pos:end]`` into a plain dict of
   Python values (datetimes for ``timestamp-millis``, strings for enums and uuids) and returns
-  it with the position after it.
+  it with the position after it.  Given a :class:`ModelBinding`, it builds the pydantic
+  models themselves instead (enum members for enums), without a second validation pass:
+  a value the models' validators would still have to look at — a non-canonical uuid, an
+  ``int`` or ``long`` out of range — raises :class:`NeedsValidation`, and the caller takes
+  the validating route for that record (see :mod:`stratamesh.events.construct`).
 
 The output is byte-for-byte what fastavro writes (the unit tests check it on random events
 of every type).  Reading is strict: a bad boolean byte, union branch or enum index, a
@@ -26,16 +30,24 @@ from __future__ import annotations
 import keyword
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from stratamesh.events.compat import SchemaNode, parse
 
-__all__ = ["AvroDataError", "CompiledSchema", "UnsupportedSchema", "compile_schema"]
+__all__ = [
+    "AvroDataError",
+    "CompiledSchema",
+    "ModelBinding",
+    "NeedsValidation",
+    "UnsupportedSchema",
+    "compile_schema",
+]
 
 Writer = Callable[[Any, bytearray], None]
-Reader = Callable[[bytes, int, int], tuple[dict[str, Any], int]]
+Reader = Callable[[bytes, int, int], tuple[Any, int]]  # a dict, or a bound model
 
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -50,6 +62,21 @@ class AvroDataError(ValueError):
 
 class UnsupportedSchema(ValueError):
     """A schema using a construct this compiler does not handle."""
+
+
+class NeedsValidation(Exception):
+    """Well-formed Avro holding a value the models' validators must see (model-building only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBinding:
+    """What a model-building reader constructs instead of dicts."""
+
+    # record full name → model class, and its field names in the model's order (the order
+    # of a validated model's __dict__, which its repr and iteration follow)
+    records: Mapping[str, tuple[type, tuple[str, ...]]]
+    enums: Mapping[str, tuple[Any, ...]]  # enum full name → members, in symbol order
+    canonical_uuid: Callable[[str], object]  # truthy for a uuid string the models keep as is
 
 
 # --------------------------------------------------------------------------- runtime helpers
@@ -90,11 +117,18 @@ def _bad(message: str) -> AvroDataError:
     return AvroDataError(message)
 
 
+def _needs_validation() -> NeedsValidation:
+    return NeedsValidation()
+
+
 _RUNTIME: Final[dict[str, Any]] = {
     "wlong": _wlong,
     "wint": _wint,
     "rlong": _rlong,
     "bad": _bad,
+    "revalidate": _needs_validation,
+    "NEW": object.__new__,
+    "SETATTR": object.__setattr__,
     "EPOCH": _EPOCH,
     "ONE_MS": _ONE_MS,
     "timedelta": timedelta,
@@ -124,7 +158,8 @@ def _min_size(node: SchemaNode, seen: frozenset[int] = frozenset()) -> int:
 
 
 class _Compiler:
-    def __init__(self) -> None:
+    def __init__(self, binding: ModelBinding | None = None) -> None:
+        self.binding = binding
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self.writers: dict[int, str] = {}
@@ -250,10 +285,30 @@ class _Compiler:
             targets.append((f.name, t))
             self.read(f.type, t, 4, body, f"{node.short_name}.{f.name}")
         items = ", ".join(f"{n!r}: {t}" for n, t in targets)
-        body.append(f"    return {{{items}}}, pos")
+        if self.binding is None:
+            body.append(f"    return {{{items}}}, pos")
+        else:
+            # What pydantic's model_construct leaves behind, minus its per-field bookkeeping.
+            bound = self.binding.records.get(node.name)
+            var = dict(targets)
+            if bound is None or set(bound[1]) != set(var):
+                raise UnsupportedSchema(f"no model bound to record {node.name}")
+            c = self.const("cls", bound[0])
+            names = self.const("fields", frozenset(var))
+            items = ", ".join(f"{n!r}: {var[n]}" for n in bound[1])
+            body += [
+                f"    o = NEW({c})",
+                f"    SETATTR(o, '__dict__', {{{items}}})",
+                f"    SETATTR(o, '__pydantic_fields_set__', set({names}))",
+                "    SETATTR(o, '__pydantic_extra__', None)",
+                "    SETATTR(o, '__pydantic_private__', None)",
+                "    return o, pos",
+            ]
         self.lines += [f"def {name}(buf, pos, end):", *body, ""]
 
-    def read_long(self, t: str, p: str, body: list[str]) -> None:
+    def read_long(
+        self, t: str, p: str, body: list[str], bounds: tuple[int, int] | None = None
+    ) -> None:
         body += [
             f"{p}{t} = buf[pos]",
             f"{p}pos += 1",
@@ -262,6 +317,12 @@ class _Compiler:
             f"{p}else:",
             f"{p}    {t}, pos = rlong(buf, pos, {t})",
         ]
+        if bounds is not None:
+            # A one-byte varint is always in range; a longer one may exceed the field's type.
+            body += [
+                f"{p}    if not {bounds[0]} <= {t} <= {bounds[1]}:",
+                f"{p}        raise revalidate()",
+            ]
 
     def read(self, node: SchemaNode, t: str, ind: int, body: list[str], where: str) -> None:
         p = " " * ind
@@ -278,7 +339,10 @@ class _Compiler:
                 f"{p}{t} = {t} == 1",
             ]
         elif kind in ("int", "long"):
-            self.read_long(t, p, body)
+            bounds = None
+            if self.binding is not None and node.logical is None:
+                bounds = _INT32 if kind == "int" else _INT64
+            self.read_long(t, p, body, bounds)
             if node.logical == "timestamp-millis":
                 body.append(f"{p}{t} = EPOCH + timedelta(milliseconds={t})")
             elif node.logical is not None:
@@ -299,8 +363,17 @@ class _Compiler:
             else:
                 body.append(f"{p}{t} = buf[pos:pos + {n}]")
             body.append(f"{p}pos += {n}")
+            if self.binding is not None and node.logical == "uuid":
+                canonical = self.const("uuid_ok", self.binding.canonical_uuid)
+                body += [f"{p}if not {canonical}({t}):", f"{p}    raise revalidate()"]
         elif kind == "enum":
-            symbols = self.const("syms", tuple(node.symbols))
+            members: tuple[Any, ...] = tuple(node.symbols)
+            if self.binding is not None:
+                bound = self.binding.enums.get(node.name)
+                if bound is None or len(bound) != len(node.symbols):
+                    raise UnsupportedSchema(f"no members bound to enum {node.name}")
+                members = bound
+            symbols = self.const("syms", members)
             self.read_long(t, p, body)
             body += [
                 f"{p}if not 0 <= {t} < {len(node.symbols)}:",
@@ -370,9 +443,12 @@ class CompiledSchema:
         self.source = source
 
 
-def compile_schema(schema: Any) -> CompiledSchema:
-    """Compile the record `schema` (JSON value) into a writer and a reader."""
-    compiler = _Compiler()
+def compile_schema(schema: Any, binding: ModelBinding | None = None) -> CompiledSchema:
+    """Compile the record `schema` (JSON value) into a writer and a reader.
+
+    With a `binding` the reader builds its models instead of dicts (see the module docstring).
+    """
+    compiler = _Compiler(binding)
     writer_name, reader_name = compiler.run(parse(schema))
     source = "\n".join(compiler.lines)
     namespace: dict[str, Any] = {**_RUNTIME, **compiler.consts}

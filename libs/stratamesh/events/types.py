@@ -6,6 +6,11 @@
 | ``long`` + ``timestamp-millis``      | :data:`UtcDatetime` (tz-aware UTC, millisecond precision) |
 | ``string`` + ``uuid``                | :data:`UuidStr` (canonical lower-case ``str``) |
 | ``float`` / ``double``               | ``float`` (``float`` is 32-bit on the wire: lossy) |
+
+The codec builds decoded events without re-validating them when the models declare nothing
+beyond these types (:mod:`stratamesh.events.construct` checks, field by field): a new
+constraint or validator here makes it fall back to ``model_validate`` until
+``construct`` learns what the reader must check for it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field
 
-__all__ = ["Int32", "Int64", "UtcDatetime", "UuidStr", "to_utc_millis"]
+__all__ = [
+    "Int32",
+    "Int64",
+    "UtcDatetime",
+    "UuidStr",
+    "canonical_uuid",
+    "to_utc_millis",
+    "uuid_str",
+]
 
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
@@ -39,13 +52,17 @@ def to_utc_millis(value: datetime) -> datetime:
     return value.replace(microsecond=value.microsecond - extra) if extra else value
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+canonical_uuid: Final = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+).fullmatch
+"""A match (truthy) for a uuid string in the form :data:`UuidStr` keeps unchanged."""
 
 
-def _uuid_str(value: Any) -> Any:
+def uuid_str(value: Any) -> Any:
+    """The validator of :data:`UuidStr`: canonical lower-case form, or ValueError."""
     if isinstance(value, uuid.UUID):
         return str(value)
-    if isinstance(value, str) and not _CANONICAL_UUID.fullmatch(value):
+    if isinstance(value, str) and not canonical_uuid(value):
         try:
             return str(uuid.UUID(value))
         except ValueError:
@@ -54,4 +71,4 @@ def _uuid_str(value: Any) -> Any:
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc_millis)]
-UuidStr = Annotated[str, BeforeValidator(_uuid_str)]
+UuidStr = Annotated[str, BeforeValidator(uuid_str)]
