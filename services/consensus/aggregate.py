@@ -52,7 +52,7 @@ from .outcomes import (
 from .policy import PolicyError, VotePolicy, replica_slot
 from .quorum import Ballot, Outcome, Reason, Tally, tally
 from .registry import ReplicaRegistry
-from .state import DONE, ConsensusState, Snapshot
+from .state import DONE, SLOT_TAKEN, STALE, ConsensusState, Snapshot
 
 __all__ = ["TIMER", "Consensus", "Sink"]
 
@@ -194,9 +194,11 @@ class Consensus:
         namespace = SHADOW_PREFIX if ctx.record.topic.startswith(SHADOW_PREFIX) else ""
         state = self.state(namespace)
         key = state.key(event.tenant, event.request_id, event.revision_round)
-        snap = await state.load(key)
+        # Judged against this process's last view of the request (no read); the store is
+        # conditional on it, and a stale view comes back refreshed from the same call.
+        snap = state.view(key)
         mine: dict[int, CandidateAnswer] = {}  # the ballot this handler stored: seq → event
-        for _ in range(3):  # a lost race for a slot is re-judged against the new state
+        for _ in range(4):  # a stale view, or a lost race for a slot, is re-judged
             if snap.outcome is not None:
                 self._after_outcome(snap.outcome, ctx)
                 return
@@ -204,18 +206,17 @@ class Consensus:
                 break  # a redelivery: the ballot is stored, finish what the crash cut short
             ballot, slot, policy = await self._judge(event, ctx, snap)
             now = now_ms()
-            seq, after = await state.add(
+            seq, snap = await state.add(
                 key,
                 ballot,
                 slot=slot,
                 policy=policy.params() if policy is not None else None,
                 open_ms=now,
                 close_ms=self._close_ms(event, now),
+                expect=snap.version,
             )
-            if after is None:  # SLOT_TAKEN
-                snap = await state.load(key)
-                continue
-            snap = after  # read with the store, atomically: the state this ballot joined
+            if seq in (STALE, SLOT_TAKEN):
+                continue  # nothing stored; `snap` is the current state
             if seq == DONE:
                 assert snap.outcome is not None
                 self._after_outcome(snap.outcome, ctx)

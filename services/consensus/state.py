@@ -22,6 +22,14 @@ Layout (prefix :data:`PREFIX`; ``<ns>`` is ``shadow.`` for a shadow pipeline)::
     strata:consensus:due:<ns>          sorted set: request key → window close (ms)
     strata:consensus:lease:<request key>   the instance escalating it (SET NX PX)
 
+No read before a store: a candidate is judged against this process's last view of its
+request (what its previous store returned; an empty state for a request it has not seen),
+and the store is conditional on that view's version (ballot count and creation time): if
+the state moved on (another instance, a restart, an expiry) nothing is stored and the
+current state comes back from the same call, to judge again.  So a ballot costs one round
+trip, a decision two (the ballot, the outcome), and a candidate arriving after the outcome
+none when this process wrote or saw it (an outcome never changes).
+
 Exactly one outcome per request: it is written once, with the event ids fixed by the
 request (not by the record that triggered it), before anything is published.  Whoever
 wrote it (the handler of candidate *x*, or the sweeper as ``timer``) is its ``trigger``
@@ -34,6 +42,7 @@ again: the same bytes and ids, which consumers' idempotency drops.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -42,7 +51,7 @@ import redis.asyncio as aioredis
 
 from stratamesh.stores.keys import CONSENSUS
 
-__all__ = ["PREFIX", "ConsensusState", "Snapshot", "request_key"]
+__all__ = ["DONE", "PREFIX", "SLOT_TAKEN", "STALE", "ConsensusState", "Snapshot", "request_key"]
 
 PREFIX: Final = CONSENSUS
 
@@ -50,9 +59,14 @@ _ADD = """
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then
   return {-1, redis.call('HGETALL', KEYS[1])}
 end
+local version = (redis.call('HGET', KEYS[1], 'seq') or '0') .. ':' ..
+  (redis.call('HGET', KEYS[1], 'open') or '')
+if ARGV[8] ~= '' and version ~= ARGV[8] then
+  return {-3, redis.call('HGETALL', KEYS[1])}
+end
 if ARGV[1] ~= '' then
   local taken = redis.call('HGET', KEYS[1], 'slot:' .. ARGV[1])
-  if taken then return {-2, {}} end
+  if taken then return {-2, redis.call('HGETALL', KEYS[1])} end
 end
 if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'policy', ARGV[3]) end
 if redis.call('HSETNX', KEYS[1], 'open', ARGV[4]) == 1 then
@@ -80,8 +94,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+STALE: Final = -3
 SLOT_TAKEN: Final = -2
 DONE: Final = -1
+_VIEWS: Final = 1024  # requests whose last state this process remembers
 
 
 def request_key(namespace: str, tenant: str, request_id: str, revision_round: int) -> str:
@@ -92,11 +108,18 @@ def request_key(namespace: str, tenant: str, request_id: str, revision_round: in
 @dataclass(slots=True)
 class Snapshot:
     key: str
+    seq: int = 0  # ballots stored so far
     policy: dict[str, str] | None = None
     open_ms: int | None = None
     close_ms: int | None = None
     ballots: dict[int, dict[str, Any]] = field(default_factory=dict)  # seq → ballot JSON
     outcome: dict[str, Any] | None = None
+
+    @property
+    def version(self) -> str:
+        """What a ballot is stored against: the ballots so far and when the request's
+        state was created (a state that expired and was created anew is another one)."""
+        return f"{self.seq}:{'' if self.open_ms is None else self.open_ms}"
 
     @property
     def empty(self) -> bool:
@@ -109,6 +132,8 @@ def _snapshot(key: str, fields: Iterable[tuple[Any, Any]]) -> Snapshot:
         name = k.decode() if isinstance(k, bytes) else k
         if name.startswith("b:"):
             snap.ballots[int(name[2:])] = json.loads(v)
+        elif name == "seq":
+            snap.seq = int(v)
         elif name == "policy":
             snap.policy = json.loads(v)
         elif name == "open":
@@ -135,13 +160,35 @@ class ConsensusState:
         self._add = redis.register_script(_ADD)
         self._final = redis.register_script(_FINAL)
         self._release = redis.register_script(_RELEASE)
+        self._views: OrderedDict[str, Snapshot] = OrderedDict()
+
+    def view(self, key: str) -> Snapshot:
+        """This process's last view of a request (what its last store or outcome returned),
+        else an empty state (a new request): the state a ballot is judged against without
+        a read.  Only a hint: :meth:`add` stores against its ``seq`` and answers
+        :data:`STALE` with the actual state when it moved on (another instance, a restart,
+        an expiry); an outcome, once seen, never changes."""
+        found = self._views.get(key)
+        if found is None:
+            return Snapshot(key)
+        self._views.move_to_end(key)
+        return found
+
+    def _remember(self, snap: Snapshot) -> Snapshot:
+        if snap.outcome is not None:  # all a later candidate needs: the vote is over
+            snap = Snapshot(snap.key, snap.seq, open_ms=snap.open_ms, outcome=snap.outcome)
+        self._views[snap.key] = snap
+        self._views.move_to_end(snap.key)
+        while len(self._views) > _VIEWS:
+            self._views.popitem(last=False)
+        return snap
 
     def key(self, tenant: str, request_id: str, revision_round: int) -> str:
         return request_key(self.namespace, tenant, request_id, revision_round)
 
     async def load(self, key: str) -> Snapshot:
         raw = await self.redis.hgetall(key)
-        return _snapshot(key, raw.items())
+        return self._remember(_snapshot(key, raw.items()))
 
     async def add(
         self,
@@ -152,11 +199,14 @@ class ConsensusState:
         policy: dict[str, str] | None,
         open_ms: int,
         close_ms: int,
-    ) -> tuple[int, Snapshot | None]:
-        """Store a ballot: its seq and the request's state just after it was stored (read
-        in the same atomic step: no second round trip, and no other ballot in between), or
-        :data:`DONE` and the state with its outcome, or :data:`SLOT_TAKEN` and None (the
-        slot already voted)."""
+        expect: str | None = None,
+    ) -> tuple[int, Snapshot]:
+        """Store a ballot if the request's state is still at version ``expect`` (see
+        :attr:`Snapshot.version`; None: whatever it is).  Returns its seq and the state just
+        after it was stored (read in the same atomic step: no second round trip, and no
+        other ballot in between), or :data:`DONE` and the state with its outcome, or
+        :data:`STALE` (not at ``expect``) or :data:`SLOT_TAKEN` (the slot already voted)
+        and the current state: nothing was stored."""
         result = await self._add(
             keys=[key, self.due_key],
             args=[
@@ -167,10 +217,10 @@ class ConsensusState:
                 str(close_ms),
                 str(self.ttl_s),
                 key,
+                "" if expect is None else expect,
             ],
         )
-        seq = int(result[0])
-        return seq, (None if seq == SLOT_TAKEN else _snapshot(key, _pairs(result[1])))
+        return int(result[0]), self._remember(_snapshot(key, _pairs(result[1])))
 
     async def finalise(
         self, key: str, outcome: dict[str, Any], *, settled: bool = True
@@ -188,9 +238,8 @@ class ConsensusState:
                 "1" if settled else "0",
             ],
         )
-        if int(written) == 1:
-            return outcome
-        result: dict[str, Any] = json.loads(stored)
+        result: dict[str, Any] = outcome if int(written) == 1 else json.loads(stored)
+        self._remember(Snapshot(key, outcome=result))
         return result
 
     async def due(self, now_ms: int, limit: int = 100) -> list[str]:

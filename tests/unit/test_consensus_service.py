@@ -284,3 +284,39 @@ async def test_a_redelivered_trigger_resends_the_same_decision_and_nothing_else(
     assert len(outputs) == 1, "only the record that completed the quorum re-sends"
     again = mesh.codec.decode(outputs[0].value or b"")
     assert again == first
+
+
+async def test_instances_judging_against_stale_views_still_decide_once_with_every_ballot(
+    home: Path, unique: str
+) -> None:
+    """A ballot is judged against the instance's last view of its request, without a read;
+    the store is conditional on that view.  Two instances alternating on one request (a
+    rebalance, a restart) each hold a stale view in turn: nothing is lost or counted twice."""
+    settings = consensus_settings(home, unique)
+    mesh, _, keys = memory_consensus(settings, replicas=4)
+    mesh2, engine2, _ = memory_consensus(settings, replicas=0)
+    mesh2.keyring, mesh2.keys = mesh.keyring, mesh.keys
+    mesh2._pipelines[0].keyring = mesh.keyring
+    engine2.use_keyring(mesh.keyring)
+    tenant, slip = f"t-{unique}", consensus_slip("bft", 4, 1)
+    source = new_event_id()
+    # infer.r2 is wrong: the decision needs the three others, stored by both instances.
+    for k, answer, on in ((1, RIGHT, mesh), (2, WRONG, mesh2), (3, RIGHT, mesh), (4, RIGHT, mesh2)):
+        cand = make_candidate(
+            "q", k, keys[k], answer, tenant=tenant, slip=slip, source_event_id=source
+        )
+        await on.publish(cand, as_=replica_name(k), next_stage="consensus")
+        await on.run_until_idle()
+    decided = [
+        e
+        for m in (mesh, mesh2)
+        for e in m.events(T.REQUESTS_DECIDED)
+        if isinstance(e, AnswerDecided)
+    ]
+    assert len(decided) == 1 and mesh.events(T.REQUESTS_DECIDED) == []
+    [d] = decided
+    assert d.answer == RIGHT and (d.votes_for, d.votes_total) == (3, 4)
+    assert {q.replica_id for q in d.quorum_certificate} == {"infer", "infer.r3", "infer.r4"}
+    assert [(x.replica_id, x.reason) for x in d.dissent] == [("infer.r2", Reason.DIFFERENT_ANSWER)]
+    assert len(set(d.candidate_event_ids)) == 4
+    assert verify_certificate(d, mesh.keyring) == []
