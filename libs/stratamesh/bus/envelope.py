@@ -15,13 +15,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _text(raw: bytes | None) -> str | None:
-    return raw.decode("utf-8", "replace") if raw is not None else None
-
-
-def _int(raw: bytes | None) -> int | None:
-    if raw is None:
-        return None
+def _int(raw: bytes) -> int | None:
     try:
         return int(raw)
     except ValueError:
@@ -52,19 +46,25 @@ class Envelope:
 
     @classmethod
     def parse(cls, headers: dict[str, bytes]) -> Envelope:
+        # Inlined rather than a helper call per header: this runs for every record consumed.
+        get = headers.get
+        event_type, event_id = get(H.EVENT_TYPE), get(H.EVENT_ID)
+        request_id, doc_id = get(H.REQUEST_ID), get(H.DOC_ID)
+        tenant, producer, next_stage = get(H.TENANT), get(H.PRODUCER), get(H.NEXT)
+        deadline, attempt = get(H.DEADLINE), get(H.ATTEMPT)
         return cls(
-            event_type=_text(headers.get(H.EVENT_TYPE)),
-            event_id=_text(headers.get(H.EVENT_ID)),
-            request_id=_text(headers.get(H.REQUEST_ID)),
-            doc_id=_text(headers.get(H.DOC_ID)),
-            tenant=_text(headers.get(H.TENANT)),
-            producer=_text(headers.get(H.PRODUCER)),
-            deadline_ms=_int(headers.get(H.DEADLINE)),
-            next_stage=_text(headers.get(H.NEXT)),
-            traceparent=headers.get(H.TRACEPARENT),
-            attempt=_int(headers.get(H.ATTEMPT)) or 1,
-            replay=headers.get(H.REPLAY),
-            unsigned_ingress=headers.get(H.UNSIGNED_INGRESS) == b"1",
+            None if event_type is None else event_type.decode("utf-8", "replace"),
+            None if event_id is None else event_id.decode("utf-8", "replace"),
+            None if request_id is None else request_id.decode("utf-8", "replace"),
+            None if doc_id is None else doc_id.decode("utf-8", "replace"),
+            None if tenant is None else tenant.decode("utf-8", "replace"),
+            None if producer is None else producer.decode("utf-8", "replace"),
+            None if deadline is None else _int(deadline),
+            None if next_stage is None else next_stage.decode("utf-8", "replace"),
+            get(H.TRACEPARENT),
+            1 if attempt is None else (_int(attempt) or 1),
+            get(H.REPLAY),
+            get(H.UNSIGNED_INGRESS) == b"1",
         )
 
     @property

@@ -85,4 +85,4 @@ Headers = list[tuple[str, bytes]]
 
 def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, bytes]:
     """Headers as a dict; the last value of a repeated header wins."""
-    return {k: v for k, v in headers or ()}
+    return dict(headers or ())

@@ -60,7 +60,7 @@ from stratamesh.events import (
     derived_event_id,
     request_anchor_id,
 )
-from stratamesh.obs.logging import bind_record
+from stratamesh.obs.logging import bind_record_fields
 from stratamesh.obs.metrics import BusMetrics, ResultMetrics, result_metrics
 from stratamesh.obs.otel import HandlerSpan, HandlerTracer
 from stratamesh.obs.tracing import TraceContext
@@ -277,6 +277,29 @@ Prepared = Admitted | Decided
 
 
 @dataclass(slots=True)
+class _RecordLog:
+    """The log context of the record being handled, rendered only when a line is logged
+    (most records are handled without one)."""
+
+    service: str
+    topic: str
+    event_type: str | None
+    envelope: Envelope | None  # None for a batch: no per-record ids
+
+    def log_fields(self) -> dict[str, str]:
+        env = self.envelope
+        ids: dict[str, str | None] = {"service": self.service, "event_type": self.event_type}
+        if env is not None:
+            ids["event_id"] = env.event_id
+            ids["request_id"] = env.request_id
+            ids["doc_id"] = env.doc_id
+            ids["trace_id"] = env.trace_id
+            ids["tenant"] = env.tenant
+        ids["topic"] = self.topic
+        return {k: v for k, v in ids.items() if v is not None}
+
+
+@dataclass(slots=True)
 class _TopicMetrics:
     consumed: Any
     duplicates: Any
@@ -307,6 +330,8 @@ class Pipeline:
     _sig_cache: SignatureCache = field(default_factory=SignatureCache)
     _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _metric_children: dict[str, _TopicMetrics] = field(default_factory=dict)
+    # topic name → (registry spec, or None for a name the registry does not know; handler)
+    _routes: dict[str, tuple[TopicSpec | None, Subscription | None]] = field(default_factory=dict)
 
     # -- publishing helpers -------------------------------------------------------------
 
@@ -321,6 +346,7 @@ class Pipeline:
     async def prepare(self, records: Sequence[InRecord]) -> list[Prepared]:
         """Authenticate and decode a batch, and look its event ids up in one round trip."""
         items: list[Prepared] = [self._admit(r) for r in records]
+        self._count_consumed(records)
         ids = [i.envelope.event_id or "" for i in items if isinstance(i, Admitted)]
         if not ids:
             return items
@@ -372,16 +398,8 @@ class Pipeline:
         if batch:
             topic_name = batch[0][1].record.topic
             sub = self.subscriptions[topic_name]
-            bind_record(
-                service=self.service,
-                event_type=batch[0][2].envelope.event_type,
-                event_id=None,
-                request_id=None,
-                doc_id=None,
-                trace_id=None,
-                tenant=None,
-                topic=topic_name,
-            )
+            event_type = batch[0][2].envelope.event_type
+            bind_record_fields(_RecordLog(self.service, topic_name, event_type, None))
             spans: list[HandlerSpan] = []
             if self.tracer is not None:
                 for _, _item, ctx in batch:
@@ -450,10 +468,29 @@ class Pipeline:
         if len(self._recent) > 100_000:
             self._recent.popitem(last=False)
 
+    def _count_consumed(self, records: Sequence[InRecord]) -> None:
+        if not records:
+            return
+        first = records[0].topic
+        if all(r.topic == first for r in records):  # a runtime lane's batch: one partition
+            self._m(first).consumed.inc(len(records))
+            return
+        for r in records:
+            self._m(r.topic).consumed.inc()
+
+    def _route(self, topic_name: str) -> tuple[TopicSpec | None, Subscription | None]:
+        found = self._routes.get(topic_name)
+        if found is None:
+            try:
+                spec: TopicSpec | None = topic(topic_name)
+            except KeyError:
+                spec = None
+            found = self._routes[topic_name] = (spec, self.subscriptions.get(topic_name))
+        return found
+
     def _admit(self, record: InRecord) -> Admitted | Decided:
-        self._m(record.topic).consumed.inc()
         headers = H.header_dict(record.headers)
-        sub = self.subscriptions.get(record.topic)
+        spec, sub = self._route(record.topic)
         next_stage = headers.get(H.NEXT)
         # A header check, no decoding: one topic feeds whichever stage the slip names next.
         if (
@@ -464,7 +501,8 @@ class Pipeline:
         ):
             return Decided(record, Skipped("not-this-stage"))
         try:
-            spec = topic(record.topic)
+            if spec is None:
+                spec = topic(record.topic)  # raises: not a registry topic
             envelope = self._authenticate(record, headers, spec)
             event = self._decode(record, envelope, spec)
         except SecurityError as exc:
@@ -526,16 +564,7 @@ class Pipeline:
     async def _handle(self, item: Admitted) -> Outcome:
         record = item.record
         env = self._effective_envelope(item)
-        bind_record(
-            service=self.service,
-            event_type=env.event_type,
-            event_id=env.event_id,
-            request_id=env.request_id,
-            doc_id=env.doc_id,
-            trace_id=env.trace_id,
-            tenant=env.tenant,
-            topic=record.topic,
-        )
+        bind_record_fields(_RecordLog(self.service, record.topic, env.event_type, env))
         self.budget.deposit()
         if self.tracer is None:
             outcome, _ = await self._attempts(item, env, None)
@@ -567,6 +596,7 @@ class Pipeline:
         """Run the handler until it succeeds, fails for good, or the deadline passes."""
         record, event = item.record, item.event
         sub = self.subscriptions[record.topic]
+        m = self._m(record.topic)
         attempt = 1
         while True:
             if env.expired():
@@ -611,8 +641,8 @@ class Pipeline:
                 await self.sleep(delay)
                 continue
             finally:
-                self._m(record.topic).seconds.observe(time.perf_counter() - started)
-            self._m(record.topic).ok.inc()
+                m.seconds.observe(time.perf_counter() - started)
+            m.ok.inc()
             if ctx.completed:
                 self._observe_results(ctx.completed)
             return Handled(env.event_id or "", ctx.outputs), attempt

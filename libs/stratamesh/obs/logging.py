@@ -15,26 +15,37 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-__all__ = ["bind_record", "configure_logging", "get_logger"]
+__all__ = ["LogFields", "bind_record", "bind_record_fields", "configure_logging", "get_logger"]
 
 
-# The identifiers of the record being handled: one contextvar holding one dict, set once per
-# record (structlog's per-key contextvars cost a few µs per record on the hot path).
-_RECORD: ContextVar[dict[str, str] | None] = ContextVar("strata_record", default=None)
+class LogFields(Protocol):
+    """Something that knows a record's identifiers and renders them only when asked."""
+
+    def log_fields(self) -> Mapping[str, str]: ...
+
+
+# The identifiers of the record being handled: one contextvar, set once per record
+# (structlog's per-key contextvars cost a few µs per record on the hot path).  It holds
+# either the dict itself or a LogFields rendered only when a line is actually logged: most
+# records are handled without one.
+_RECORD: ContextVar[Mapping[str, str] | LogFields | None] = ContextVar(
+    "strata_record", default=None
+)
 
 
 def _merge_record(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     record = _RECORD.get()
-    if record:
-        for k, v in record.items():
+    if record is not None:
+        fields = record if isinstance(record, Mapping) else record.log_fields()
+        for k, v in fields.items():
             event_dict.setdefault(k, v)
     return event_dict
 
@@ -137,3 +148,9 @@ def bind_record(
         "topic": topic,
     }
     _RECORD.set({k: v for k, v in ctx.items() if v is not None})
+
+
+def bind_record_fields(fields: LogFields) -> None:
+    """:func:`bind_record`, rendered lazily from ``fields.log_fields()`` (None values left out
+    by the renderer)."""
+    _RECORD.set(fields)
