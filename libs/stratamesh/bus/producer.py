@@ -56,6 +56,8 @@ class MeshProducer:
         self._produced: dict[str, Any] = {}
         self._started = False
         self._inflight: set[asyncio.Future[RecordMetadata]] = set()
+        # One entry per waiting flush: the futures it still waits for, and its wake-up.
+        self._flushes: list[tuple[set[asyncio.Future[RecordMetadata]], asyncio.Future[None]]] = []
 
     async def start(self) -> None:
         tune_gc(self.settings.consumer.gc_gen0_threshold)
@@ -95,7 +97,7 @@ class MeshProducer:
         fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         self._pending.append((record, fut))
         self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
+        fut.add_done_callback(self._settled)
         if not self._kick_scheduled:
             self._kick_scheduled = True
             asyncio.get_running_loop().call_soon(self._kick)
@@ -104,8 +106,23 @@ class MeshProducer:
     async def flush(self) -> None:
         """Wait until everything queued so far is acknowledged (or failed)."""
         self._kick()
-        if self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        if not self._inflight:
+            return
+        # Not gather(): with tens of thousands in flight, a callback and a result slot per
+        # future cost as much as sending them.  The futures report to _settled anyway.
+        entry = (set(self._inflight), asyncio.get_running_loop().create_future())
+        self._flushes.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._flushes.remove(entry)
+
+    def _settled(self, fut: asyncio.Future[RecordMetadata]) -> None:
+        self._inflight.discard(fut)
+        for waiting, wake in self._flushes:
+            waiting.discard(fut)
+            if not waiting and not wake.done():
+                wake.set_result(None)
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -121,7 +138,7 @@ class MeshProducer:
             raise BrokerError("this producer has no signing key; every event must be signed")
         for i in range(0, len(to_sign), MAX_BATCH):
             chunk = to_sign[i : i + MAX_BATCH]
-            leaves = [leaf_hash(r.key, r.value or b"", H.header_dict(r.headers)) for r in chunk]
+            leaves = [leaf_hash(r.key, r.value or b"", dict(r.headers)) for r in chunk]
             for record, sig in zip(chunk, sign_batch(self.signer, leaves), strict=True):
                 record.headers.append((H.SIGNATURE, sig))
 

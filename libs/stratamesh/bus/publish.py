@@ -11,7 +11,7 @@ from stratamesh.bus.topics import TOPICS, topic
 from stratamesh.config import Settings
 from stratamesh.errors import EncodeError
 from stratamesh.events import Event
-from stratamesh.obs.tracing import TraceContext
+from stratamesh.obs.tracing import TraceContext, new_traceparent
 from stratamesh.security.keys import SigningKey, load_signing_key
 
 __all__ = ["Publisher", "event_record", "topic_of_event"]
@@ -55,7 +55,7 @@ def event_record(
         (H.REQUEST_ID if spec.key == "request_id" else H.DOC_ID, key),
         (H.TENANT, event.tenant.encode()),
         (H.PRODUCER, producer.encode()),
-        (H.TRACEPARENT, (trace or TraceContext.new()).header),
+        (H.TRACEPARENT, trace.header if trace is not None else new_traceparent()),
     ]
     if deadline_ms is not None:
         hdrs.append((H.DEADLINE, str(deadline_ms).encode()))

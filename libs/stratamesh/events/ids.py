@@ -49,7 +49,9 @@ def _pack(ms: int, rand74: int, version: int) -> str:
     rand_a = rand74 >> 62
     rand_b = rand74 & ((1 << 62) - 1)
     value = ((ms & _TS_MASK) << 80) | version | (rand_a << 64) | _VARIANT_RFC | rand_b
-    return str(uuid.UUID(int=value))
+    # str(uuid.UUID(int=value)), formatted directly: a third of the cost, per event produced.
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def new_event_id() -> str:
