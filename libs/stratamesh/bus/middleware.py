@@ -369,7 +369,11 @@ class Pipeline:
         if item.envelope.event_id in self._recent:  # a copy earlier in the same batch
             self._m(item.record.topic).duplicates.inc()
             return Skipped("duplicate")
-        outcome = await self._handle(item)
+        env = self._begin(item)
+        if self.tracer is None:  # the common case, without a coroutine in between
+            outcome, _ = await self._attempts(item, env, None)
+        else:
+            outcome = await self._traced(item, env)
         if isinstance(outcome, Handled):
             self._remember(outcome.event_id)
         return outcome
@@ -561,15 +565,15 @@ class Pipeline:
             return replace(env, tenant=item.event.tenant)
         return env
 
-    async def _handle(self, item: Admitted) -> Outcome:
-        record = item.record
+    def _begin(self, item: Admitted) -> Envelope:
+        """Log context and retry budget for the handling of ``item``; its envelope."""
         env = self._effective_envelope(item)
-        bind_record_fields(_RecordLog(self.service, record.topic, env.event_type, env))
+        bind_record_fields(_RecordLog(self.service, item.record.topic, env.event_type, env))
         self.budget.deposit()
-        if self.tracer is None:
-            outcome, _ = await self._attempts(item, env, None)
-            return outcome
-        span = self._start_span(record.topic, env)
+        return env
+
+    async def _traced(self, item: Admitted, env: Envelope) -> Outcome:
+        span = self._start_span(item.record.topic, env)
         try:
             outcome, attempts = await self._attempts(item, env, span.trace)
         except BaseException:

@@ -299,13 +299,16 @@ class KafkaRuntime:
         done: int | None = None
         while lane.unacked:
             track = lane.unacked[0]
-            if not all(f.done() for f in track.futures):
-                break
-            failed = [
-                (o, f)
-                for o, f in zip(track.outputs, track.futures, strict=True)
-                if f.cancelled() or f.exception() is not None
-            ]
+            # Most records have one output or none: skip the generic checks for those.
+            failed: list[tuple[OutRecord, asyncio.Future[RecordMetadata]]] = []
+            if track.futures:
+                if not all(f.done() for f in track.futures):
+                    break
+                failed = [
+                    (o, f)
+                    for o, f in zip(track.outputs, track.futures, strict=True)
+                    if f.cancelled() or f.exception() is not None
+                ]
             if failed:
                 track.failures += 1
                 if track.failures > _MAX_SEND_FAILURES:
