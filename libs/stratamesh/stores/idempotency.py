@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,23 +97,37 @@ class RedisIdempotency:
 
 
 class SqliteIdempotency:
-    """A local SQLite file; calls are short enough to run on the event loop."""
+    """A local SQLite file.
+
+    Look-ups are short and run on the event loop.  Marks (a whole commit interval's ids at
+    once, a few µs each) run in a worker thread on a second connection: SQLite releases the
+    GIL while it writes, and WAL lets the loop's reads go on meanwhile.  ``mark`` still
+    returns only once the ids are committed, so offsets are committed after the marks.
+    """
 
     _PURGE_EVERY_S = 300.0
 
     def __init__(self, path: Path, ttl_s: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = self._connect(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS handled (scope TEXT NOT NULL, event_id TEXT NOT NULL, "
             "expires_at REAL NOT NULL, PRIMARY KEY (scope, event_id)) WITHOUT ROWID"
         )
+        self._writer = self._connect(path)
+        # A cancelled mark leaves its thread running: the next one must wait for it.
+        self._writing = threading.Lock()
         self._ttl = ttl_s
         self._next_purge = time.time() + self._PURGE_EVERY_S
         self._lock = asyncio.Lock()
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
 
     async def seen(self, scope: str, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
@@ -133,19 +148,35 @@ class SqliteIdempotency:
     async def mark(self, scope: str, event_ids: Sequence[str]) -> None:
         if not event_ids:
             return
-        now = time.time()
         async with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
+            await asyncio.to_thread(self._write, scope, list(event_ids))
+
+    def _write(self, scope: str, event_ids: list[str]) -> None:
+        with self._writing:
+            self._write_locked(scope, event_ids)
+
+    def _write_locked(self, scope: str, event_ids: list[str]) -> None:
+        now = time.time()
+        db = self._writer
+        db.execute("BEGIN")
+        try:
+            expires = now + self._ttl
+            db.executemany(
                 "INSERT OR REPLACE INTO handled (scope, event_id, expires_at) VALUES (?, ?, ?)",
-                [(scope, e, now + self._ttl) for e in event_ids],
+                [(scope, e, expires) for e in event_ids],
             )
             if now > self._next_purge:
-                self._db.execute("DELETE FROM handled WHERE expires_at < ?", (now,))
+                db.execute("DELETE FROM handled WHERE expires_at < ?", (now,))
                 self._next_purge = now + self._PURGE_EVERY_S
-            self._db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     async def close(self) -> None:
+        async with self._lock:
+            with self._writing:  # not under a mark's thread still writing
+                self._writer.close()
         self._db.close()
 
 
