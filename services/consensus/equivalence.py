@@ -45,8 +45,6 @@ import numpy as np
 
 from stratamesh.models.embedders import Embedder, LocalEmbedder, Vectors
 
-from .embedding import model_thread
-
 __all__ = ["AnswerKey", "Equivalence", "canonical_json", "key_of", "normalise"]
 
 _CITATION: Final = re.compile(r"\[\s*\d+(?:\s*[,-]\s*\d+)*\s*\]")
@@ -115,7 +113,7 @@ def key_of(answer: str, structured: str | None) -> AnswerKey:
 
 class Equivalence:
     """Assigns answers to classes; embeds only the pairs that normalisation and the guards
-    leave undecided (a local model on consensus's own model thread, see :mod:`.embedding`;
+    leave undecided (a local model on its latency lane, ``LocalEmbedder.embed_latency``;
     a remote one through its client)."""
 
     def __init__(self, embedder: Callable[[], Embedder], threshold: float) -> None:
@@ -135,8 +133,8 @@ class Equivalence:
 
     async def _model(self, texts: Sequence[str]) -> Vectors:
         embedder = self.embedder
-        if isinstance(embedder, LocalEmbedder):  # its own thread: see .embedding
-            return await model_thread(embedder).embed(texts)
+        if isinstance(embedder, LocalEmbedder):  # a text or two on a decision's path
+            return await embedder.embed_latency(texts)
         return await embedder.embed(texts)
 
     async def warm(self) -> None:

@@ -116,3 +116,18 @@ async def test_coalesced_minilm_vectors_equal_separate_calls(minilm: LocalEmbedd
         assert vectors.shape == (len(group), 384)
         np.testing.assert_allclose(vectors, minilm.embed_sync(group), atol=1e-5)
     assert (await minilm.embed([])).shape == (0, 0)
+
+
+async def test_the_latency_lane_gives_the_same_vectors_on_one_intraop_thread() -> None:
+    import torch
+
+    model = LocalEmbedder.shared()
+    before = torch.get_num_threads()
+    texts = ["the tower was built in 1889", "it is 330 metres tall"]
+    lane = await model.embed_latency(texts)
+    assert np.array_equal(lane, await model.embed(texts))
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(model._lane, torch.get_num_threads) == 1
+    # The rest of the process keeps its thread count, threads started later included.
+    assert torch.get_num_threads() == before
+    assert await asyncio.to_thread(torch.get_num_threads) == before
